@@ -1,0 +1,11 @@
+"""dq: quantization for diffusers pipelines. `import dq` registers dq as a diffusers quantization backend."""
+
+from dq.errors import DQError
+from dq.pipelines import DQConfig, QuantReport, quantize, register_backend
+from dq.recipes import Recipe
+
+register_backend()
+
+__version__ = "0.1.0"
+
+__all__ = ["DQConfig", "DQError", "QuantReport", "Recipe", "quantize"]

@@ -1,0 +1,47 @@
+"""Shared GEMM pieces: tile scheduling and the low-rank + bias epilogue every GEMM kernel ends with."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ("swizzled") tile order: GROUP_M row tiles share each column tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def lowrank_bias_epilogue(
+    acc, offs_m, offs_n, M, N, R,
+    la_ptr, stride_lam, lu_ptr, stride_lun, bias_ptr, c_ptr, stride_cm,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """c = acc + lora_act @ lora_up^T + bias, cast to c's dtype and stored.
+
+    acc: fp32 [BLOCK_M, BLOCK_N]; lora_act: [M, R]; lora_up: [N, R] (same dtype as lora_act,
+    fp32 accumulation); bias: [N]; c: [M, N].
+    """
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        la = tl.load(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :],
+                     mask=m_mask[:, None] & (offs_r[None, :] < R), other=0.0)
+        lu = tl.load(lu_ptr + offs_n[None, :] * stride_lun + offs_r[:, None],
+                     mask=n_mask[None, :] & (offs_r[:, None] < R), other=0.0)
+        acc = tl.dot(la, lu, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])

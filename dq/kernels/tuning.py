@@ -1,0 +1,88 @@
+"""Tile configurations per GPU generation and the autotuner wrapper the GEMM launchers share.
+
+sm80 (A100: 164 KB shared memory), sm89 (Ada: 100 KB, FP8 tensor cores), sm90 (Hopper: 228 KB,
+wgmma; no INT4 tensor cores, so 4-bit operands are unpacked to INT8 in registers). Configs are
+(BLOCK_M, BLOCK_N, num_warps, num_stages); under TRITON_INTERPRET (CPU) one small tile is used.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    # Integer GEMMs with the K loop at one group (64) per step: large tiles hide the per-group scaling.
+    "w4": {
+        80: [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
+        89: [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        90: [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
+             (32, 64, 4, 4), (16, 64, 4, 4)],
+    },
+    "w8": {
+        80: [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
+        89: [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        90: [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4),
+             (32, 64, 4, 4), (16, 64, 4, 4)],
+    },
+    # Weight-only: small M is bound by weight bytes, so narrow N tiles to spread them over all SMs.
+    "w4a16": {
+        80: [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+        89: [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+        90: [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+             (128, 128, 8, 3)],
+    },
+}
+_BLOCK_K = {"w4": None, "w8": 128, "w4a16": None}
+INTERPRET_TILE = (16, 32)
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = major * 10 + minor
+    return 90 if cc >= 90 else 89 if cc >= 89 else 80
+
+
+def _fits(cfg: tuple[int, int, int, int], M: int) -> bool:
+    # Tiles much taller than M waste the MMA; keep the small ones for small M and vice versa.
+    bm = cfg[0]
+    return bm <= max(16, triton.next_power_of_2(M)) and (M <= 64 or bm >= 32)
+
+
+@functools.lru_cache(maxsize=None)
+def tuned(kernel, family: str, arch: int):
+    """kernel wrapped in triton.autotune over the family's configs for `arch` (key: M bucket, N, K)."""
+    configs = []
+    for bm, bn, warps, stages in _CONFIGS[family][arch]:
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}
+        if _BLOCK_K[family]:
+            kw["BLOCK_K"] = _BLOCK_K[family]
+        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+
+    def prune(configs, named_args, **kwargs):
+        m = named_args["M"]
+        kept = [c for c in configs if _fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 0, 0), m)]
+        return kept or configs[-1:]
+
+    return triton.autotune(
+        configs=configs, key=["M_KEY", "N", "K"], prune_configs_by={"early_config_prune": prune},
+        warmup=5, rep=20,
+    )(kernel)
+
+
+def launch(kernel, family: str, grid_fn, device: torch.device, args: tuple, kwargs: dict) -> None:
+    """Run `kernel` autotuned on CUDA, or with the small interpreter tile on CPU (TRITON_INTERPRET=1)."""
+    if device.type == "cuda":
+        tuned(kernel, family, _arch(device))[grid_fn](*args, **kwargs)
+        return
+    bm, bn = INTERPRET_TILE
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 2}
+    if _BLOCK_K[family]:
+        kw["BLOCK_K"] = 32
+    kernel[grid_fn](*args, **kwargs, **kw)
+
+
+def m_key(M: int) -> int:
+    """Autotuning bucket for the token count."""
+    return min(triton.next_power_of_2(M), 16384)

@@ -1,0 +1,117 @@
+"""What QuantLinear and QuantConv2d share: quantizers, simulate <-> deploy, and the `weight` view."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.errors import DQError
+from dq.nn.quantizer import ActQuantizer, WeightQuantizer
+from dq.quant import QuantSpec
+from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
+
+# Deployed layers keep scales in half precision: 1/32 of a byte per weight at group 64.
+SCALE_DTYPE = torch.float16
+
+
+class QuantLayerMixin:
+    """Mixed into a torch layer. Simulate mode keeps the float `weight` Parameter and fake-quantizes;
+    deploy mode replaces it by buffers `qweight` (packed codes), `weight_scale` and `weight_zero`.
+    In deploy mode `layer.weight` still answers, with the dequantized weight, so code that reads
+    `.weight.shape` / `.dtype` / `.device` (PEFT, diffusers) keeps working.
+    """
+
+    weight_quantizer: WeightQuantizer
+    act_quantizer: ActQuantizer
+
+    def _init_quantizers(self, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+        out_f, in_f = self.weight_2d_shape
+        self.weight_quantizer = WeightQuantizer(weight_spec, out_f, in_f)
+        self.act_quantizer = ActQuantizer(act_spec)
+
+    def _adopt(self, module: nn.Module) -> None:
+        """Take over the float module's parameters (no copy) and place the quantizers on its device."""
+        self._parameters["weight"] = module.weight
+        self._parameters["bias"] = module.bias
+        self.weight_dtype = module.weight.dtype
+        self.weight_quantizer.to(module.weight.device)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None):
+        """A simulate-mode copy of `module` (sharing its parameters) with min-max weight scales."""
+        layer = cls.wrap(module, weight_spec, act_spec)
+        layer.init_weight_scales()
+        return layer
+
+    # Each layer class defines `weight_shape` (the torch layer's) and `weight_2d_shape` ([out, in]).
+
+    @property
+    def deployed(self) -> bool:
+        return "weight" not in self._parameters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if "weight" in self._parameters:
+            return self._parameters["weight"]
+        if "qweight" not in self._buffers:
+            raise AttributeError("weight")
+        return self.dequantized_weight()
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        if isinstance(value, nn.Parameter) or "weight" in self._parameters:
+            self._parameters["weight"] = value
+        else:
+            raise DQError("a deployed quantized layer has no float weight to assign; quantize a float model instead.")
+
+    # -- simulate ---------------------------------------------------------------------------
+    def init_weight_scales(self) -> None:
+        """Round-to-nearest (min-max) weight scales from the current float weight."""
+        self.weight_quantizer.init_minmax(self._parameters["weight"].detach().reshape(self.weight_2d_shape))
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        w = self._parameters["weight"]
+        return self.weight_quantizer(w.reshape(self.weight_2d_shape)).reshape(w.shape)
+
+    # -- deploy -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def deploy(self) -> None:
+        """Pack the weight into integer (or minifloat) codes and drop the float weight. Idempotent."""
+        if self.deployed:
+            return
+        w = self._parameters["weight"]
+        grid = self.weight_quantizer.grid(w.detach().reshape(self.weight_2d_shape))
+        del self._parameters["weight"]
+        self.register_buffer("qweight", encode_codes(grid, self.weight_quantizer.spec.format))
+        wq = self.weight_quantizer
+        self.register_buffer("weight_scale", wq.scale.to(SCALE_DTYPE))
+        self.register_buffer("weight_zero", None if wq.zero is None else wq.zero.to(SCALE_DTYPE))
+        # The quantizer's float scales are now carried by weight_scale; keep them out of the state dict.
+        wq.scale, wq.zero = None, None
+
+    def allocate_deployed(self, device: torch.device | str = "cpu") -> None:
+        """Turn a freshly built layer into an empty deploy-mode layer, ready to receive a state dict."""
+        out_f, in_f = self.weight_2d_shape
+        wq = self.weight_quantizer
+        shape, dtype = storage_shape_dtype(wq.spec.format, out_f, in_f)
+        del self._parameters["weight"]
+        self.register_buffer("qweight", torch.empty(shape, dtype=dtype, device=device))
+        self.register_buffer("weight_scale", torch.empty(tuple(wq.scale.shape), dtype=SCALE_DTYPE, device=device))
+        zero = None if wq.zero is None else torch.empty(tuple(wq.zero.shape), dtype=SCALE_DTYPE, device=device)
+        self.register_buffer("weight_zero", zero)
+        wq.scale, wq.zero = None, None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the deployed layer computes with it, in the layer's weight dtype and shape."""
+        w2d = dequantize_stored(
+            self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format, self.weight_2d_shape[1]
+        )
+        return w2d.reshape(self.weight_shape).to(self.weight_dtype)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the weight as stored (codes + scales in deploy mode, the float tensor otherwise)."""
+        if not self.deployed:
+            w = self._parameters["weight"]
+            return w.numel() * w.element_size()
+        tensors = [self.qweight, self.weight_scale] + ([self.weight_zero] if self.weight_zero is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,61 @@
+"""QuantConv2d: an nn.Conv2d whose weight and input are quantized."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.nn.base import QuantLayerMixin
+from dq.quant import QuantSpec
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """nn.Conv2d with quantized weight (flattened to [out, in/groups*kh*kw]) and quantized input.
+
+    Activation granularity is over channels: a "token" is one pixel of one image. The deployed
+    forward dequantizes the packed weight and runs the float convolution (no low-bit conv kernel yet).
+    """
+
+    def __init__(self, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        self._init_quantizers(weight_spec, act_spec)
+        self._adopt(conv)
+
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QuantConv2d":
+        """A QuantConv2d sharing `conv`'s parameters (weight scales not yet set)."""
+        return cls(conv, weight_spec, act_spec)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def weight_2d_shape(self) -> tuple[int, int]:
+        kh, kw = self.kernel_size
+        return self.out_channels, self.in_channels // self.groups * kh * kw
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.act_quantizer.enabled:
+            return x
+        return self.act_quantizer(x.movedim(1, -1)).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fake_quantized_weight() if not self.deployed else self.dequantized_weight().to(x.dtype)
+        return self._conv_forward(self._quantize_input(x), w, self.bias)
+
+    def extra_repr(self) -> str:
+        act = self.act_quantizer.spec.format if self.act_quantizer.enabled else "none"
+        mode = "deploy" if self.deployed else "simulate"
+        return f"{super().extra_repr()}, weight={self.weight_quantizer.spec.format}, act={act}, mode={mode}"

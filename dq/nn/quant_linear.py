@@ -1,0 +1,69 @@
+"""QuantLinear: an nn.Linear whose weight and input are quantized."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dq.kernels import quantized_linear
+from dq.nn.base import QuantLayerMixin
+from dq.quant import QuantSpec
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """nn.Linear with a weight quantizer and an input-activation quantizer.
+
+    Example:
+        >>> from dq.quant import QuantSpec, PerGroup
+        >>> layer = QuantLinear.from_float(nn.Linear(128, 64), QuantSpec("int4", PerGroup(64)), None)
+        >>> layer.deploy()      # packed INT4 codes + fp16 scales; forward runs through dq.kernels
+        >>> y = layer(torch.randn(2, 128))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_quantizers(weight_spec, act_spec)
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QuantLinear":
+        """A QuantLinear sharing `linear`'s parameters (weight scales not yet set)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, device="meta")
+        layer._adopt(linear)
+        return layer
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def weight_2d_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.deployed:
+            return F.linear(self.act_quantizer(x), self.fake_quantized_weight(), self.bias)
+        return quantized_linear(
+            x,
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero,
+            self.bias,
+            weight_format=self.weight_quantizer.spec.format,
+            in_features=self.in_features,
+            act_spec=self.act_quantizer.spec,
+        )
+
+    def extra_repr(self) -> str:
+        act = self.act_quantizer.spec.format if self.act_quantizer.enabled else "none"
+        mode = "deploy" if self.deployed else "simulate"
+        return f"{super().extra_repr()}, weight={self.weight_quantizer.spec.format}, act={act}, mode={mode}"

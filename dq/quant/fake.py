@@ -1,0 +1,63 @@
+"""Quantize, dequantize and fake-quantize with a straight-through estimator."""
+
+from __future__ import annotations
+
+import torch
+
+from dq.quant.spec import QuantSpec, dynamic_range, qrange, scales_from_range
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grid_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round to the format's grid with a straight-through gradient; clamping passes no gradient outside."""
+    fmt = spec.fmt
+    if fmt.is_integer:
+        qmin, qmax = qrange(spec)
+        return torch.clamp(round_ste(x), qmin, qmax)
+    clipped = torch.clamp(x, -fmt.max_value, fmt.max_value)
+    return clipped + (fmt.round(clipped.detach()) - clipped).detach()
+
+
+def fake_quantize(
+    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize and dequantize `x` in its own dtype, differentiable (STE) in x and scale.
+
+    Static specs pass scale (and zero) in the grouped shape; dynamic specs compute them from x.
+    """
+    shape, dtype = x.shape, x.dtype
+    g = spec.granularity.grouped(x.float())
+    if scale is None:
+        lo, hi = dynamic_range(x.detach().float(), spec)
+        scale, zero = scales_from_range(lo, hi, spec)
+    zero = torch.zeros_like(scale) if zero is None else zero
+    q = grid_ste(g / scale + zero, spec)
+    return ((q - zero) * scale).reshape(shape).to(dtype)
+
+
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Codes of `x` on the format's grid, in the grouped shape (float tensor of grid values)."""
+    g = spec.granularity.grouped(x.float())
+    zero = torch.zeros_like(scale) if zero is None else zero
+    return spec.fmt.round(g / scale + zero)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, shape: torch.Size | None = None
+) -> torch.Tensor:
+    """Inverse of `quantize`: (codes - zero) * scale, reshaped to `shape` when given."""
+    zero = torch.zeros_like(scale) if zero is None else zero
+    out = (codes.float() - zero) * scale
+    return out if shape is None else out.reshape(shape)
+
+
+def weight_scales(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max (round-to-nearest) scales for a weight flattened to [out, in]."""
+    lo, hi = dynamic_range(w.detach().reshape(w.shape[0], -1).float(), spec)
+    return scales_from_range(lo, hi, spec)
