@@ -47,7 +47,7 @@ def build(family: str, seed: int = 0):
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
         )
         pipe = StableDiffusionPipeline(
-            vae=_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
+            vae=_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         emb = torch.randn(1, 7, 64)
@@ -58,7 +58,7 @@ def build(family: str, seed: int = 0):
             in_channels=4, out_channels=8, cross_attention_dim=64, caption_channels=32,
             norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
         )
-        pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer, scheduler=DDIMScheduler())
+        pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
         emb = torch.randn(1, 6, 32)
         kwargs = dict(
             prompt_embeds=emb, prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
@@ -99,6 +99,9 @@ def build(family: str, seed: int = 0):
     else:
         raise ValueError(family)
     kwargs.update(num_inference_steps=2, output_type="latent")
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them
     return pipe, kwargs
 
 
@@ -106,3 +109,15 @@ def run(pipe, kwargs, seed: int = 0) -> torch.Tensor:
     """Run the pipeline deterministically and return its output latents."""
     out = pipe(**kwargs, generator=torch.Generator().manual_seed(seed))
     return (out.images if hasattr(out, "images") else out.frames).detach()
+
+
+def load(directory: str):
+    """Reload a saved tiny pipeline; components saved as None (no text encoders) are passed as None."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    missing = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    return DiffusionPipeline.from_pretrained(directory, **missing)

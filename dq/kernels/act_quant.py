@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from dq.errors import DQError
+from dq.kernels.epilogue import mma, round_e4m3, round_to
 
 # Format codes shared with the GEMM launchers.
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
@@ -45,7 +46,7 @@ def _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH: tl
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
         s = tl.load(s_ptr + offs_k, mask=offs_k < K, other=1.0).to(tl.float32)
-        x = tl.math.div_rn(x.to(tl.float32), s[None, :]).to(x.dtype)
+        return round_to(tl.math.div_rn(x.to(tl.float32), s[None, :]), x.dtype)
     return x.to(tl.float32)
 
 
@@ -55,7 +56,7 @@ def _act_quant_kernel(
     M, K, R,
     stride_xm, stride_qm, stride_ldr, stride_lam,
     QMAX: tl.constexpr, TINY: tl.constexpr, FMT: tl.constexpr, PER_GROUP: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):
     """Quantize a [BLOCK_M, K] row block of x; see the module docstring for outputs.
@@ -86,7 +87,7 @@ def _act_quant_kernel(
             tl.store(sc_ptr + (k0 // BLOCK_K) * M + offs_m, scale, mask=m_mask)
         v = tl.math.div_rn(xs, scale[:, None])
         if FMT == 2:
-            q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(q_ptr.dtype.element_ty)
+            q = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(q_ptr.dtype.element_ty)
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q,
                      mask=m_mask[:, None] & (offs_k[None, :] < K))
         else:
@@ -103,9 +104,10 @@ def _act_quant_kernel(
         if HAS_LORA:
             ld = tl.load(ld_ptr + offs_r[None, :] * stride_ldr + offs_k[:, None],
                          mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
-            lora = tl.dot(xs.to(ld.dtype), ld, lora)
+            lora = mma(xs.to(ld.dtype), ld, lora, UPCAST)
     if HAS_LORA:
-        tl.store(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :], lora.to(la_ptr.dtype.element_ty),
+        tl.store(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :],
+                 round_to(lora, la_ptr.dtype.element_ty).to(la_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & (offs_r[None, :] < R))
 
 
@@ -165,7 +167,7 @@ def quantize_activations(
         M, K, rank,
         x.stride(0), q.stride(0), lora_down.stride(0) if rank else 0, lora_act.stride(0) if rank else 0,
         QMAX=_QMAX[fmt], TINY=_TINY, FMT=fmt, PER_GROUP=fmt == FMT_INT4,
-        HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0,
+        HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda,
         BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=rank_pad(rank),
         num_warps=warps,
     )

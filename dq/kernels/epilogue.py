@@ -25,7 +25,7 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 def lowrank_bias_epilogue(
     acc, offs_m, offs_n, M, N, R,
     la_ptr, stride_lam, lu_ptr, stride_lun, bias_ptr, c_ptr, stride_cm,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """c = acc + lora_act @ lora_up^T + bias, cast to c's dtype and stored.
 
@@ -40,8 +40,48 @@ def lowrank_bias_epilogue(
                      mask=m_mask[:, None] & (offs_r[None, :] < R), other=0.0)
         lu = tl.load(lu_ptr + offs_n[None, :] * stride_lun + offs_r[:, None],
                      mask=n_mask[None, :] & (offs_r[:, None] < R), other=0.0)
-        acc = tl.dot(la, lu, acc)
+        acc = mma(la, lu, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = round_to(acc, c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (set on CPU only): the interpreter's dot cannot
+    take bfloat16 operands, so they go in as the fp32 values they exactly are."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 x rounded to DTYPE (nearest, ties to even) and returned as fp32.
+
+    bfloat16 is rounded with integer ops so the result is the same on GPUs and in the CPU interpreter
+    (whose float->bfloat16 cast truncates)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def round_e4m3(x):
+    """fp32 x (|x| <= 448) rounded to the nearest float8 e4m3 value (ties to even), as fp32.
+
+    Done with integer ops so GPUs and the CPU interpreter (whose fp8 cast misrounds) agree."""
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    v = x * 512.0
+    r = tl.floor(v + 0.5)
+    r = tl.where(((r - v) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+    return tl.where(tl.abs(x) < 0.015625, r / 512.0, normal)

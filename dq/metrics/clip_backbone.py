@@ -45,7 +45,7 @@ def load_open_clip(
     pretrained = None if pretrained is None else str(pretrained)
     try:
         model, _, _ = open_clip.create_model_and_transforms(spec, pretrained=pretrained)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
         raise DQError(f"could not load open_clip model {spec!r} with pretrained={pretrained!r}: {error}") from error
     return model.eval(), open_clip.get_tokenizer(spec), f"open_clip:{spec}:{pretrained}"
 
@@ -73,16 +73,18 @@ class CLIPImageFeatures(nn.Module):
         interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
         cfg: dict[str, Any] = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = image_size or cfg.get("size") or model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.antialias = antialias
         self.interpolation = interpolation
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", _OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", _OPENAI_STD)).view(1, 3, 1, 1), persistent=False)
-        with torch.no_grad():
-            self.num_features = int(self(torch.zeros(1, 3, *self.image_size, dtype=torch.uint8)).shape[-1])
+        device = next(model.parameters()).device
+        mean, std = cfg.get("mean", _OPENAI_MEAN), cfg.get("std", _OPENAI_STD)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
+        probe = torch.zeros(1, 3, *self.image_size, dtype=torch.uint8, device=device)
+        self.num_features = int(self(probe).shape[-1])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

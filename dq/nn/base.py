@@ -21,6 +21,7 @@ class QuantLayerMixin:
     `.weight.shape` / `.dtype` / `.device` (PEFT, diffusers) keeps working.
     """
 
+    kind: str  # the LayerPlan kind this class is registered under
     weight_quantizer: WeightQuantizer
     act_quantizer: ActQuantizer
 
@@ -35,13 +36,26 @@ class QuantLayerMixin:
         self._parameters["bias"] = module.bias
         self.weight_dtype = module.weight.dtype
         self.weight_quantizer.to(module.weight.device)
+        self.act_quantizer.to(module.weight.device)
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None):
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, **options):
         """A simulate-mode copy of `module` (sharing its parameters) with min-max weight scales."""
-        layer = cls.wrap(module, weight_spec, act_spec)
+        layer = cls.wrap(module, weight_spec, act_spec, **options)
         layer.init_weight_scales()
         return layer
+
+    def layer_options(self) -> dict:
+        """Kind-specific options that `wrap` needs to rebuild this layer (timestep groups, when used)."""
+        groups = self.act_quantizer.groups
+        return {"act_groups": groups} if groups > 1 else {}
+
+    def apply_options(self, act_groups: int = 1, **unknown) -> None:
+        """Apply the options common to every layer kind (called by `wrap`); unknown ones are errors."""
+        if unknown:
+            raise DQError(f"{type(self).__name__} got unknown layer option(s) {sorted(unknown)}; allowed: act_groups.")
+        if act_groups != 1:
+            self.act_quantizer.set_groups(int(act_groups), device=self.weight_quantizer.scale.device)
 
     # Each layer class defines `weight_shape` (the torch layer's) and `weight_2d_shape` ([out, in]).
 

@@ -16,6 +16,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     forward dequantizes the packed weight and runs the float convolution (no low-bit conv kernel yet).
     """
 
+    kind = "conv2d"
+
     def __init__(self, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
         super().__init__(
             conv.in_channels,
@@ -33,9 +35,11 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         self._adopt(conv)
 
     @classmethod
-    def wrap(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QuantConv2d":
+    def wrap(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None, **options) -> "QuantConv2d":
         """A QuantConv2d sharing `conv`'s parameters (weight scales not yet set)."""
-        return cls(conv, weight_spec, act_spec)
+        layer = cls(conv, weight_spec, act_spec)
+        layer.apply_options(**options)
+        return layer
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

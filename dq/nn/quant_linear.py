@@ -21,6 +21,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         >>> y = layer(torch.randn(2, 128))
     """
 
+    kind = "linear"
+
     def __init__(
         self,
         in_features: int,
@@ -35,10 +37,11 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         self._init_quantizers(weight_spec, act_spec)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QuantLinear":
+    def wrap(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None, **options) -> "QuantLinear":
         """A QuantLinear sharing `linear`'s parameters (weight scales not yet set)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, device="meta")
         layer._adopt(linear)
+        layer.apply_options(**options)
         return layer
 
     @property
@@ -52,6 +55,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.deployed:
             return F.linear(self.act_quantizer(x), self.fake_quantized_weight(), self.bias)
+        act_spec = self.act_quantizer.spec
+        if self.act_quantizer.static:
+            # Calibrated (static, possibly per-timestep) scales live in the quantizer, not the kernel.
+            x, act_spec = self.act_quantizer(x), None
         return quantized_linear(
             x,
             self.qweight,
@@ -60,7 +67,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             self.bias,
             weight_format=self.weight_quantizer.spec.format,
             in_features=self.in_features,
-            act_spec=self.act_quantizer.spec,
+            act_spec=act_spec,
         )
 
     def extra_repr(self) -> str:

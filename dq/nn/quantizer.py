@@ -31,6 +31,11 @@ class WeightQuantizer(nn.Module):
         shape = _scale_shape(spec, out_features, in_features)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero", None if spec.symmetric else torch.zeros(shape))
+        # Calibration switches: `bypass` passes the float weight through (the FP reference during
+        # reconstruction); `rounding` (e.g. AdaRound) replaces nearest rounding in grid() and forward().
+        # Neither is part of the state dict: deploy bakes the learned rounding into the packed codes.
+        self.bypass = False
+        self.rounding: object | None = None
 
     @torch.no_grad()
     def init_minmax(self, w2d: torch.Tensor) -> None:
@@ -48,34 +53,93 @@ class WeightQuantizer(nn.Module):
         return s, z
 
     def grid(self, w2d: torch.Tensor) -> torch.Tensor:
-        """Grid values (codes) of the weight, nearest rounding; calibrators may override this."""
+        """Grid values (codes) of the weight: nearest rounding, or the learned `rounding` when set."""
         s, z = self.expanded()
+        if self.rounding is not None:
+            return self.rounding.grid(w2d.float(), s, z, self.spec)
         v = w2d.float() / s + (0 if z is None else z)
         return self.spec.fmt.round(v)
 
     def forward(self, w2d: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return w2d
         s, z = self.expanded()
+        if self.rounding is not None:
+            q = self.rounding.quantize(w2d.float(), s, z, self.spec)
+            return ((q - (0 if z is None else z)) * s).to(w2d.dtype)
         z = torch.zeros_like(s) if z is None else z
         q = grid_ste(w2d.float() / s + z, self.spec)
         return ((q - z) * s).to(w2d.dtype)
 
 
 class ActQuantizer(nn.Module):
-    """Quantizes layer inputs [..., channels]: dynamic per token, or static with calibrated scales."""
+    """Quantizes layer inputs [..., channels]: dynamic per token, or static with calibrated scales.
 
-    def __init__(self, spec: QuantSpec | None) -> None:
+    A static quantizer may hold one (scale, zero) per timestep group (`groups` > 1): buffers `scale`
+    and `zero` are then [groups, 1, 1] and `timestep_ranges` [groups, 2] holds the calibrated
+    timestep interval of each group. `group` (set per denoiser call by dq.calib.timestep's hook, an
+    int or a per-row LongTensor) selects the parameters; it is not saved.
+    """
+
+    def __init__(self, spec: QuantSpec | None, groups: int = 1) -> None:
         super().__init__()
         self.spec = spec
-        static = spec is not None and not spec.dynamic
-        self.register_buffer("scale", torch.zeros(1, 1) if static else None)
-        self.register_buffer("zero", torch.zeros(1, 1) if static and not spec.symmetric else None)
+        self.bypass = False
+        self.group: int | torch.Tensor | None = None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        self.register_buffer("timestep_ranges", None)
+        self.set_groups(groups)
+
+    @property
+    def static(self) -> bool:
+        return self.spec is not None and not self.spec.dynamic
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.timestep_ranges is None else int(self.timestep_ranges.shape[0])
+
+    def set_groups(self, groups: int, device: torch.device | str | None = None) -> None:
+        """(Re)allocate `groups` parameter sets (uncalibrated); 1 = one static scale."""
+        if groups < 1:
+            raise DQError(f"timestep groups must be >= 1, got {groups}.")
+        if groups > 1 and not self.static:
+            raise DQError("timestep groups need static activation scales; dynamic (token) activations have none to group.")
+        if not self.static:
+            return
+        device = device if device is not None else (self.scale.device if self.scale is not None else "cpu")
+        shape = (1, 1) if groups == 1 else (groups, 1, 1)
+        self.scale = torch.zeros(shape, device=device)
+        self.zero = None if self.spec.symmetric else torch.zeros(shape, device=device)
+        self.timestep_ranges = None if groups == 1 else torch.zeros(groups, 2, device=device)
+        self.group = None
 
     @property
     def enabled(self) -> bool:
         return self.spec is not None
 
+    def _group_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(scale, zero, per_row) of the selected group; per_row when each batch row has its own group."""
+        if self.timestep_ranges is None:
+            return self.scale, self.zero, False
+        g = self.group
+        if g is None:
+            raise DQError(
+                "this activation quantizer has per-timestep scales but no timestep group was selected; "
+                "call the denoiser (its timestep hook selects the group), not the layer alone."
+            )
+        if isinstance(g, int):
+            return self.scale[g], None if self.zero is None else self.zero[g], False
+        if g.numel() != x.shape[0]:
+            raise DQError(
+                f"the batch mixes timesteps of different groups ({g.numel()} rows) but this layer's input has "
+                f"{x.shape[0]} rows; run one timestep per denoiser call."
+            )
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return self.scale[g].reshape(view), None if self.zero is None else self.zero[g].reshape(view), True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec is None:
+        if self.spec is None or self.bypass:
             return x
         if self.spec.dynamic:
             return fake_quantize(x, self.spec)
@@ -84,4 +148,9 @@ class ActQuantizer(nn.Module):
                 "a static activation quantizer has no calibrated scale; this recipe needs calibration data "
                 "(pass calib=dq.CalibConfig(...)) or use a recipe with dynamic activations."
             )
-        return fake_quantize(x, self.spec, self.scale, self.zero)
+        scale, zero, per_row = self._group_params(x)
+        if per_row:  # one parameter set per batch row: quantize elementwise against broadcast scales
+            z = torch.zeros_like(scale) if zero is None else zero
+            q = grid_ste(x.float() / scale + z, self.spec)
+            return ((q - z) * scale).to(x.dtype)
+        return fake_quantize(x, self.spec, scale, zero)

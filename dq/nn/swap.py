@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -20,20 +20,28 @@ FLOAT_LAYER_KIND: dict[type[nn.Module], str] = {nn.Linear: "linear", nn.Conv2d: 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is quantized: the quantized layer kind and its weight and activation specs."""
+    """How one layer is quantized: the quantized layer kind, its weight and activation specs, and
+    kind-specific options (JSON-safe; passed to the layer class's `wrap`, e.g. a low-rank rank)."""
 
     kind: str
     weight: QuantSpec
     act: QuantSpec | None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "weight": spec_to_dict(self.weight), "act": None if self.act is None else spec_to_dict(self.act)}
+        return {
+            "kind": self.kind,
+            "weight": spec_to_dict(self.weight),
+            "act": None if self.act is None else spec_to_dict(self.act),
+            "options": dict(self.options),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
         if d.get("kind") not in QUANT_LAYER_TYPES:
             raise DQError(f"unknown layer kind {d.get('kind')!r}; known: {sorted(QUANT_LAYER_TYPES)}.")
-        return cls(d["kind"], spec_from_dict(d["weight"]), None if d.get("act") is None else spec_from_dict(d["act"]))
+        act = None if d.get("act") is None else spec_from_dict(d["act"])
+        return cls(d["kind"], spec_from_dict(d["weight"]), act, dict(d.get("options") or {}))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -53,10 +61,18 @@ def swap_layers(root: nn.Module, plans: dict[str, LayerPlan], init_scales: bool 
         if isinstance(module, QuantLayerMixin):
             raise DQError(f"layer {name!r} is already quantized ({type(module).__name__}); load the float model to quantize again.")
         layer_cls = QUANT_LAYER_TYPES[plan.kind]
-        layer = layer_cls.from_float(module, plan.weight, plan.act) if init_scales else layer_cls.wrap(module, plan.weight, plan.act)
+        if init_scales:
+            layer = layer_cls.from_float(module, plan.weight, plan.act, **plan.options)
+        else:
+            layer = layer_cls.wrap(module, plan.weight, plan.act, **plan.options)
         _set_module(root, name, layer)
         swapped[name] = layer
     return swapped
+
+
+def plan_of(layer: QuantLayerMixin) -> LayerPlan:
+    """The plan that rebuilds `layer` (stored in a checkpoint's quantization_config)."""
+    return LayerPlan(layer.kind, layer.weight_quantizer.spec, layer.act_quantizer.spec, layer.layer_options())
 
 
 def quant_layers(root: nn.Module) -> Iterator[tuple[str, QuantLayerMixin]]:

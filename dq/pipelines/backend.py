@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from dq.calib import CalibContext
 from dq.errors import DQError
-from dq.nn import LayerPlan, QUANT_LAYER_TYPES, quant_layers, swap_layers
+from dq.nn import quant_layers, swap_layers
+from dq.nn.swap import plan_of
 from dq.pipelines.config import DQConfig
 
 _SAFETENSORS_DTYPES = {
@@ -24,11 +25,7 @@ _SAFETENSORS_DTYPES = {
 
 def layer_plans_of(model: torch.nn.Module) -> dict[str, dict]:
     """The plan of every quantized layer in `model`, as stored in quantization_config.modules."""
-    kind_of = {cls: kind for kind, cls in QUANT_LAYER_TYPES.items()}
-    return {
-        name: LayerPlan(kind_of[type(layer)], layer.weight_quantizer.spec, layer.act_quantizer.spec).to_dict()
-        for name, layer in quant_layers(model)
-    }
+    return {name: plan_of(layer).to_dict() for name, layer in quant_layers(model)}
 
 
 def attach_quantizer(model: torch.nn.Module, recipe: Any) -> None:

@@ -59,6 +59,11 @@ def quantize_model(denoiser: nn.Module, recipe: Recipe, context: CalibContext) -
     calibrator = CALIBRATORS.get(recipe.method)
     report = QuantReport(recipe=recipe.name, bytes_before=module_nbytes(denoiser))
     selection = select_layers(denoiser, recipe.weight, recipe.act, recipe.layers, recipe.skip, recipe.only)
+    # A method may choose layer kinds and options (e.g. svdquant: Linear -> "svdq_linear" with a rank)
+    # by carrying a `plan_layers(denoiser, selection, recipe)` hook; it edits the selection in place.
+    planner = getattr(calibrator, "plan_layers", None)
+    if planner is not None:
+        planner(denoiser, selection, recipe)
     layers = swap_layers(denoiser, selection.plans)
     calibrator(denoiser, layers, recipe, context)
     for layer in tqdm(layers.values(), desc=f"dq: packing {recipe.name}", leave=False):

@@ -117,6 +117,7 @@ def atomic_save(out: Path, write: Callable[[Path], None], info: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        tmp.chmod(0o755)
         write(tmp)
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():

@@ -1,0 +1,285 @@
+"""Kernel benchmark: latency and TFLOP/s of dq's quantized linear kernels against torch baselines.
+
+Runs over the linear shapes of SD1.5, SDXL, PixArt-Sigma, FLUX.1 and Wan 2.1 at M (tokens x batch)
+from 1 to 16384; prints a markdown table and writes JSON + markdown to benchmarks/results/.
+
+    python benchmarks/kernels.py [--quick] [--models flux,wan] [--out benchmarks/results/kernels_h200]
+    dq bench kernels ...            (calls main(argv))
+
+Timing: each method is captured in a CUDA graph that cycles through enough copies of its inputs
+to exceed the L2 cache (so small-M, weight-bound rows read weights from HBM, as in a real model), and
+the graph replay is timed with triton.testing.do_bench (median); launch overhead is excluded for
+torch and Triton alike. FLOPs are 2*M*N*K for every row (the low-rank branch is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES: dict[str, list[tuple[str, int, int]]] = {  # (layer, N=out, K=in)
+    "sd15": [("attn 320", 320, 320), ("geglu 320", 2560, 320), ("ff_out 1280", 320, 1280), ("attn 1280", 1280, 1280)],
+    "sdxl": [("attn 1280", 1280, 1280), ("geglu 1280", 10240, 1280), ("ff_out 5120", 1280, 5120)],
+    "pixart": [("attn 1152", 1152, 1152), ("ff_in", 4608, 1152), ("ff_out", 1152, 4608)],
+    "flux": [("qkv/proj 3072", 3072, 3072), ("ff_in/proj_mlp", 12288, 3072), ("ff_out", 3072, 12288),
+             ("single proj_out", 3072, 15360)],
+    "wan": [("attn 5120", 5120, 5120), ("ffn_in", 13824, 5120), ("ffn_out", 5120, 13824)],
+}
+M_VALUES = [1, 16, 256, 1024, 4096, 16384]
+RANK = 32
+GROUP = 64
+L2_BYTES = 60 * 2**20
+
+
+def _graph_time(fns: list, calls: int) -> float:
+    """Median ms per call of fns cycled `calls` times inside one CUDA graph (timed with do_bench)."""
+    import triton
+
+    for f in fns:  # warm up: autotuning and compilation happen here, outside the graph
+        f()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+    return ms / calls
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, -(-3 * L2_BYTES // max(nbytes, 1))))
+
+
+def _make_int4(N: int, K: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev)
+    s = (torch.rand(N, K // GROUP, device=dev) * 0.01 + 0.001).half()
+    return q, s
+
+
+def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
+    """ms per call of every method at one (M, N, K)."""
+    from dq.kernels import ops  # noqa: F401
+    from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations
+    from dq.kernels.w4a4_gemm import w4_gemm
+    from dq.kernels.w8a8_gemm import w8_gemm
+
+    dev = torch.device("cuda")
+    bf = torch.bfloat16
+    x = torch.randn(M, K, device=dev, dtype=bf)
+    bias = torch.randn(N, device=dev, dtype=bf)
+    smooth = (torch.rand(K, device=dev) + 0.5).to(bf)
+    ld = (torch.randn(RANK, K, device=dev) * 0.02).to(bf)
+    lu = (torch.randn(N, RANK, device=dev) * 0.02).to(bf)
+    calls = 64 if M * N * K < 2**34 else 16
+    out: dict[str, float] = {}
+    n16 = _copies(N * K * 2 + M * K * 2)
+    n4 = _copies(N * K // 2 + M * K // 2)
+    n8 = _copies(N * K + M * K)
+
+    def run(name, fns):
+        if name in methods:
+            try:
+                out[name] = _graph_time(fns, calls)
+            except Exception as e:  # report, keep going: one unsupported baseline must not end the table
+                out[name] = float("nan")
+                print(f"  {name} M={M} N={N} K={K}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+
+    ws = [torch.randn(N, K, device=dev, dtype=bf) for _ in range(n16)]
+    run("bf16", [lambda w=w: F.linear(x, w, bias) for w in ws])
+    del ws
+    w4 = [_make_int4(N, K, dev) for _ in range(n4)]
+    run("w4a4_lr", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, smooth, ld, lu, GROUP, 4) for q, s in w4])
+    run("w4a4", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, None, None, None, GROUP, 4) for q, s in w4])
+    if "w4a4_gemm" in methods or "w4a4_unfused" in methods:
+        qa, sa, _ = quantize_activations(x, FMT_INT4, GROUP)
+        run("w4a4_gemm", [lambda q=q, s=s: w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP) for q, s in w4])
+        run("act_quant_lr", [lambda: quantize_activations(x, FMT_INT4, GROUP, smooth, ld)])
+
+        def unfused(q, s):
+            xs = x / smooth
+            qa, sa, _ = quantize_activations(xs, FMT_INT4, GROUP)
+            y = w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP)
+            return y + (xs @ ld.t()) @ lu.t()
+
+        run("w4a4_unfused", [lambda q=q, s=s: unfused(q, s) for q, s in w4])
+    run("w4a8", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, None, None, None, GROUP, 8) for q, s in w4])
+    if M <= 1024:
+        run("w4a16", [lambda q=q, s=s: torch.ops.dq.w4a16_linear(x, q, s, bias, None, None, None, GROUP) for q, s in w4])
+    del w4
+    w8 = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev) for _ in range(n8)]
+    sw8 = (torch.rand(N, 1, device=dev) * 0.01).half()
+    run("w8a8", [lambda q=q: torch.ops.dq.w8a8_linear(x, q, sw8, bias, None, None, None) for q in w8])
+    qa8, sa8, _ = quantize_activations(x, FMT_INT8, None)
+    run("w8a8_gemm", [lambda q=q: w8_gemm(qa8, sa8, q, sw8, None, None, None, bf) for q in w8])
+    if M > 16:
+        wt = [q.t() for q in w8]  # _int_mm wants B as [K, N]; the transposed view is column-major (cuBLAS "TN")
+        run("int_mm", [lambda b=b: torch._int_mm(qa8, b) for b in wt])
+    del w8
+    if torch.cuda.get_device_capability() >= (8, 9):
+        xf = x.to(torch.float8_e4m3fn)
+        wf = [torch.randn(N, K, device=dev).to(torch.float8_e4m3fn) for _ in range(n8)]
+        sa = torch.ones(M, 1, device=dev)
+        sb = torch.ones(1, N, device=dev)
+        run("scaled_mm_fp8", [lambda w=w: torch._scaled_mm(xf, w.t(), scale_a=sa, scale_b=sb, out_dtype=bf) for w in wf])
+        run("w8a8_fp8", [lambda w=w: torch.ops.dq.w8a8_linear(x, w, sw8, bias, None, None, None) for w in wf])
+        del wf
+    return out
+
+
+METHODS = ["bf16", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "act_quant_lr",
+           "w4a8", "w8a8", "w8a8_gemm", "w8a8_fp8", "w4a16"]
+
+
+def env_info() -> dict:
+    import triton
+
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        q = "clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,temperature.gpu"
+        info["nvidia_smi"] = dict(zip(q.split(","), subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        ).stdout.strip().split(", ")))
+    except Exception as e:  # clocks are informative only
+        info["nvidia_smi"] = f"unavailable: {e}"
+    return info
+
+
+def to_markdown(rows: list[dict], info: dict) -> str:
+    cols = [m for m in METHODS if any(m in r["ms"] for r in rows)]
+    lines = [f"# dq kernel benchmark: {info['gpu']} (torch {info['torch']}, triton {info['triton']})", "",
+             "Latency in microseconds (TFLOP/s at 2MNK in parentheses). Ratios: bf16 / method.", "",
+             "| model | layer | M | N | K | " + " | ".join(cols) + " | w4a4_lr vs bf16 | lr overhead | unfused overhead | w8a8_gemm/int_mm | w4a16 vs bf16 |",
+             "|" + "---|" * (len(cols) + 10)]
+    for r in rows:
+        ms = r["ms"]
+        flops = 2 * r["M"] * r["N"] * r["K"]
+        cells = []
+        for m in cols:
+            t = ms.get(m)
+            cells.append("" if t is None or t != t else f"{t * 1e3:.1f} ({flops / t / 1e9:.0f})")
+
+        def ratio(a, b):
+            ta, tb = ms.get(a), ms.get(b)
+            return "" if not ta or not tb or ta != ta or tb != tb else f"{ta / tb:.2f}"
+
+        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells)
+                     + f" | {ratio('bf16', 'w4a4_lr')}x | {ratio('w4a4_lr', 'w4a4')} | {ratio('w4a4_unfused', 'w4a4')}"
+                     + f" | {ratio('w8a8_gemm', 'int_mm')} | {ratio('bf16', 'w4a16')}x |")
+    return "\n".join(lines) + "\n"
+
+
+def check_correctness() -> list[str]:
+    """GPU kernels vs the torch reference on odd shapes; returns failure messages (empty = all good)."""
+    from dq.kernels.reference import quantized_linear_reference
+    from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, quantize, weight_scales
+    from dq.quant.storage import encode_codes
+
+    torch.manual_seed(0)
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    fails = []
+    for (M, N, K) in [(1, 96, 128), (37, 200, 192), (300, 520, 1024), (4100, 3072, 3072)]:
+        for rank in (0, 32):
+            x = torch.randn(M, K, device=dev, dtype=bf)
+            b = torch.randn(N, device=dev, dtype=bf)
+            sm = (torch.rand(K, device=dev) + 0.5).to(bf)
+            ld = (torch.randn(rank, K, device=dev) * 0.05).to(bf) if rank else None
+            lu = (torch.randn(N, rank, device=dev) * 0.05).to(bf) if rank else None
+            w = torch.randn(N, K, device=dev)
+            cases = []
+            for wf, wspec, aspec, op in [
+                ("int4", QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64)), "w4a4"),
+                ("int4", QuantSpec("int4", PerGroup(64)), QuantSpec("int8", PerToken()), "w4a8"),
+                ("int4", QuantSpec("int4", PerGroup(64)), None, "w4a16"),
+                ("int8", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()), "w8a8"),
+                ("fp8_e4m3", QuantSpec("fp8_e4m3", PerChannel()), QuantSpec("fp8_e4m3", PerToken()), "fp8"),
+            ]:
+                s, _ = weight_scales(w, wspec)
+                qw = encode_codes(quantize(w, wspec, s).reshape(N, K), wf)
+                sw = s.reshape(N, -1).half()
+                if op in ("w4a4", "w4a8"):
+                    y = torch.ops.dq.w4_linear(x, qw, sw, b, sm, ld, lu, 64, 4 if op == "w4a4" else 8)
+                elif op == "w4a16":
+                    y = torch.ops.dq.w4a16_linear(x, qw, sw, b, sm, ld, lu, 64)
+                else:
+                    y = torch.ops.dq.w8a8_linear(x, qw, sw, b, sm, ld, lu)
+                ref = quantized_linear_reference(x, qw, sw, None, b, weight_format=wf, in_features=K, act_spec=aspec,
+                                                 smooth=sm, lora_down=ld, lora_up=lu)
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                ok = err < 5e-3 and bool(torch.isfinite(y).all())
+                cases.append(f"{op}:{err:.1e}")
+                if not ok:
+                    fails.append(f"{op} M={M} N={N} K={K} rank={rank}: rel err {err:.3e}")
+            print(f"check M={M} N={N} K={K} rank={rank}: " + " ".join(cases), flush=True)
+    return fails
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark dq's quantized linear kernels against torch baselines.")
+    p.add_argument("--models", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="token counts M (comma-separated)")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods to time")
+    p.add_argument("--quick", action="store_true", help="FLUX shapes at M=16 and 4096 only")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_h200"),
+                   help="output path without extension (.json and .md are written)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dq bench kernels needs a CUDA GPU (the CPU runs only the torch reference).", file=sys.stderr)
+        return 2
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    fails = [] if args.no_check else check_correctness()
+    models = ["flux"] if args.quick else args.models.split(",")
+    ms_list = [16, 4096] if args.quick else [int(m) for m in args.m.split(",")]
+    methods = set(args.methods.split(","))
+    rows = []
+    t0 = time.time()
+    for model in models:
+        for layer, N, K in SHAPES[model]:
+            for M in ms_list:
+                r = {"model": model, "layer": layer, "M": M, "N": N, "K": K, "ms": bench_shape(M, N, K, methods)}
+                rows.append(r)
+                print(f"[{time.time() - t0:.0f}s] {model} {layer} M={M}: "
+                      + " ".join(f"{k}={v * 1e3:.1f}us" for k, v in r["ms"].items()), flush=True)
+                _write(args.out, info, fails, rows, to_markdown(rows, info))
+    md = to_markdown(rows, info)
+    print(md)
+    _write(args.out, info, fails, rows, md)
+    return 1 if fails else 0
+
+
+def _write(path: str, info: dict, fails: list[str], rows: list[dict], md: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"env": info, "check_failures": fails, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(md + ("\nCorrectness check failures:\n" + "\n".join(fails) if fails else "\nCorrectness check vs torch reference: all passed.\n"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The "svdquant" and "smoothquant" calibrators.
+
+SVDQuant (Li et al., 2024; deepcompressor's ptq order): smoothing -> low-rank SVD of the smoothed
+weight -> quantize the residual (optionally with GPTQ) -> dynamic activation quantizers. Per layer:
+
+    1. capture the layer's inputs from the unquantized model (a token subsample + channel max |X|),
+    2. search the smoothing strength on a grid, each candidate scored by the layer-output MSE with the
+       rank-r branch and both quantizers in the loop (randomized SVD per candidate keeps this fast),
+    3. install s, the 16-bit branch and the residual in the SVDQLinear; GPTQ-round the residual if asked.
+
+"smoothquant" is the same machinery with rank 0 and a fixed alpha (the SmoothQuant baseline).
+
+The method also plans the layers (`plan_layers`, called by dq.quantize before swapping): Linear layers
+become "svdq_linear"; adaLN modulation linears run weight-only; with `act_shift`, fc2 after a GELU gets
+an unsigned activation format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dq.calib.collect import CalibData, calibration_data, to_device
+from dq.calib.gptq import gptq_quantize
+from dq.calib.lowrank import LowRank, low_rank, refine_low_rank, shared_low_rank
+from dq.calib.registry import CALIBRATORS, CalibContext
+from dq.calib.smooth import LayerInputs, alpha_beta_grid, capture_layer_inputs, first_guess_alpha, search_smoothing
+from dq.errors import DQError
+from dq.nn import LayerPlan, SVDQLinear
+from dq.nn.base import QuantLayerMixin
+from dq.quant import PerToken, QuantSpec, fake_quantize
+
+logger = logging.getLogger(__name__)
+
+# adaLN modulation linears (per-block norm1.linear of Flux/SD3, PixArt's adaln_single.linear): SVDQuant
+# keeps their activations in 16 bits and quantizes the weights only (W4A16).
+ADALN_PATTERNS = ("adaln_single.linear", "*blocks.*.norm1.linear", "*blocks.*.norm1_context.linear", "*blocks.*.norm.linear")
+# The smallest value of tanh-GELU is -0.1700; nunchaku shifts fc2's input by 0.171875 (exact in fp16).
+GELU_SHIFT = 0.171875
+
+
+@dataclass(frozen=True)
+class SVDQuantOptions:
+    """The recipe options of the svdquant / smoothquant methods (unknown keys are errors).
+
+    Args:
+        rank: low-rank branch rank r (0: smoothing only).
+        svd: "randomized" (torch.svd_lowrank, default) or "exact" (float64 torch.linalg.svd).
+        svd_niter: power iterations of the randomized SVD.
+        lowrank_iters: re-fits of the branch against the quantized residual (0: plain SVD).
+        smooth: "search" (grid search), "fixed" (use `alpha`), or "none".
+        alpha: the fixed strength (default: the closed-form first guess b_w / (b_w + b_x)); beta = 1 - alpha.
+        num_grids: alpha grid points k / num_grids (deepcompressor uses 20).
+        search_beta: also score beta = 0 candidates.
+        max_tokens: calibration tokens kept per layer for scoring and GPTQ.
+        gptq: GPTQ-round the residual; gptq_blocksize, gptq_damp as in the GPTQ reference.
+        shared_lowrank: layers reading the same input (q, k, v) share one smoothing and down-projection.
+        act_shift: quantize fc2's post-GELU input unsigned, shifted by 0.171875 (folded into the bias).
+        adaln_weight_only: quantize adaLN modulation linears weight-only instead of keeping them 16-bit.
+        branch_dtype: "float16", "bfloat16" or "auto" (bfloat16 for bfloat16 models, else float16).
+    """
+
+    rank: int = 32
+    svd: str = "randomized"
+    svd_niter: int = 4
+    lowrank_iters: int = 0
+    smooth: str = "search"
+    alpha: float | None = None
+    num_grids: int = 20
+    search_beta: bool = False
+    max_tokens: int = 2048
+    gptq: bool = False
+    gptq_blocksize: int = 128
+    gptq_damp: float = 0.01
+    shared_lowrank: bool = False
+    act_shift: bool = False
+    adaln_weight_only: bool = True
+    branch_dtype: str = "auto"
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, defaults: dict | None = None) -> "SVDQuantOptions":
+        opts = dict(defaults or {})
+        opts.update(recipe.options or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(opts) - allowed)
+        if unknown:
+            raise DQError(f"recipe {recipe.name!r}: unknown option(s) {unknown} for method {recipe.method!r}; allowed: {sorted(allowed)}.")
+        o = cls(**opts)
+        choices = {"svd": ("randomized", "exact"), "smooth": ("search", "fixed", "none"), "branch_dtype": ("auto", "float16", "bfloat16", "float32")}
+        for key, allowed_values in choices.items():
+            if getattr(o, key) not in allowed_values:
+                raise DQError(f"recipe {recipe.name!r}: option {key}={getattr(o, key)!r}; allowed: {list(allowed_values)}.")
+        if o.alpha is not None and not 0 <= o.alpha <= 1:
+            raise DQError(f"recipe {recipe.name!r}: option alpha={o.alpha} must lie in [0, 1].")
+        for key in ("rank", "lowrank_iters", "num_grids", "max_tokens", "gptq_blocksize", "svd_niter"):
+            v = getattr(o, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key in ("rank", "lowrank_iters", "svd_niter") else 1):
+                raise DQError(f"recipe {recipe.name!r}: option {key} must be a {'non-negative' if key in ('rank', 'lowrank_iters', 'svd_niter') else 'positive'} integer, got {v!r}.")
+        return o
+
+
+# -- planning ---------------------------------------------------------------------------------------
+def _gelu_fc2_names(denoiser: nn.Module) -> set[str]:
+    """Linears whose input is a (non-gated) GELU output: diffusers FeedForward `net.2` after a GELU `net.0`."""
+    from diffusers.models.activations import GELU
+
+    found = set()
+    for name, module in denoiser.named_modules():
+        net = getattr(module, "net", None)
+        if isinstance(net, nn.ModuleList) and len(net) >= 3 and isinstance(net[0], GELU) and isinstance(net[2], nn.Linear):
+            found.add(f"{name}.net.2" if name else "net.2")
+    return found
+
+
+def _branch_dtype(options: SVDQuantOptions, denoiser: nn.Module) -> str:
+    if options.branch_dtype != "auto":
+        return options.branch_dtype
+    dtype = next((p.dtype for p in denoiser.parameters()), torch.float32)
+    return "bfloat16" if dtype == torch.bfloat16 else "float16"
+
+
+def make_planner(defaults: dict) -> Callable[[nn.Module, Any, Any], None]:
+    """A `plan_layers(denoiser, selection, recipe)` hook for dq.quantize with these option defaults."""
+
+    def plan_layers(denoiser: nn.Module, selection: Any, recipe: Any) -> None:
+        """Plan Linear layers as svdq_linear (validating ranks before anything is swapped) and adaLN weight-only."""
+        options = SVDQuantOptions.from_recipe(recipe, defaults)
+        fc2 = _gelu_fc2_names(denoiser) if options.act_shift else set()
+        branch_dtype = _branch_dtype(options, denoiser)
+        for name, plan in list(selection.plans.items()):
+            if plan.kind != "linear":
+                continue
+            module = denoiser.get_submodule(name)
+            if options.rank > min(module.in_features, module.out_features):
+                raise DQError(
+                    f"recipe {recipe.name!r}: rank {options.rank} exceeds layer {name!r} of size "
+                    f"[{module.out_features}, {module.in_features}] (at most {min(module.in_features, module.out_features)}); "
+                    "lower `rank` or skip the layer. The model was not changed."
+                )
+            act = plan.act
+            shift = 0.0
+            if name in fc2 and act is not None and act.fmt.is_integer:
+                act = replace(act, format=f"uint{act.fmt.bits}")
+                shift = GELU_SHIFT
+            selection.plans[name] = LayerPlan("svdq_linear", plan.weight, act, {"rank": options.rank, "branch_dtype": branch_dtype, "act_shift": shift})
+        if options.adaln_weight_only:
+            for name, module in denoiser.named_modules():
+                if type(module) is nn.Linear and name in selection.skipped and any(fnmatch(name, p) for p in ADALN_PATTERNS):
+                    if module.in_features % getattr(recipe.weight.granularity, "group_size", 1) == 0:
+                        selection.plans[name] = LayerPlan("linear", recipe.weight, None)
+                        del selection.skipped[name]
+
+    return plan_layers
+
+
+# -- calibrating one unit (a layer, or layers sharing their input) ---------------------------------------
+def _fake_quant_rows(r: torch.Tensor, sizes: list[int], spec: QuantSpec) -> torch.Tensor:
+    """Min-max fake quantization of each layer's rows of a stacked residual, as each layer's quantizer does."""
+    return torch.cat([fake_quantize(part, spec) for part in torch.split(r, sizes, dim=0)], dim=0)
+
+
+def _quantized_output(x: torch.Tensor, s: torch.Tensor, rq: torch.Tensor, lr: LowRank, act: QuantSpec | None, shift: float) -> torch.Tensor:
+    xs = x / s
+    xa = xs + shift if shift else xs
+    xq = xa if act is None else fake_quantize(xa, act)
+    y = xq @ rq.t()
+    if shift:
+        y = y - shift * rq.sum(1)
+    if lr.rank:
+        y = y + (xs @ lr.down.t()) @ lr.up.t()
+    return y
+
+
+@dataclass
+class UnitResult:
+    """What calibrating one unit chose and measured."""
+
+    names: list[str]
+    alpha: float
+    beta: float
+    error: float  # relative output MSE of the final layer(s) on the calibration tokens
+    seconds: float
+    errors: dict = field(default_factory=dict)
+
+
+def calibrate_unit(
+    layers: list[SVDQLinear],
+    x: torch.Tensor,
+    x_span: torch.Tensor,
+    options: SVDQuantOptions,
+    names: list[str] | None = None,
+) -> UnitResult:
+    """Smooth, decompose and set the residual of layers that read the same input `x` [N, in].
+
+    Example:
+        >>> layer = SVDQLinear.from_float(linear, w4, a4, rank=32)
+        >>> calibrate_unit([layer], x_calib, x_calib.abs().amax(0), SVDQuantOptions())
+    """
+    t0 = time.perf_counter()
+    weights = [layer.float_weight().detach() for layer in layers]
+    sizes = [w.shape[0] for w in weights]
+    w = torch.cat(weights, 0)
+    x = x.float()
+    y_ref = x @ w.t()
+    ref_power = y_ref.pow(2).mean().clamp(min=1e-30)
+    wspec = layers[0].weight_quantizer.spec
+    act = layers[0].act_quantizer.spec
+    shift = layers[0].act_shift
+    rank = layers[0].rank
+
+    def decompose(s: torch.Tensor, method: str) -> tuple[LowRank, torch.Tensor]:
+        ws = w * s
+        lr = low_rank(ws, rank, method=method, niter=options.svd_niter)
+        return lr, ws - lr.product()
+
+    def score(s: torch.Tensor) -> float:
+        lr, r = decompose(s, options.svd)
+        y = _quantized_output(x, s, _fake_quant_rows(r, sizes, wspec), lr, act, shift)
+        return float((y - y_ref).pow(2).mean() / ref_power)
+
+    w_span = w.abs().amax(0)
+    guess = first_guess_alpha(wspec, act) if options.alpha is None else options.alpha
+    if options.smooth == "search":
+        found = search_smoothing(x_span, w_span, alpha_beta_grid(options.num_grids, options.search_beta, first=guess), score)
+    else:
+        pair = (guess, 1 - guess) if options.smooth == "fixed" else (0.0, 0.0)
+        found = search_smoothing(x_span, w_span, [pair], score)
+    # Install against the 16-bit smoothing vector the layer stores, so the residual matches it exactly.
+    bd = layers[0].smooth.dtype
+    s = found.scale.to(bd).float()
+    ws = w * s
+    lrs = shared_low_rank([wi * s for wi in weights], rank, options.svd, options.svd_niter) if len(layers) > 1 else [low_rank(ws, rank, options.svd, options.svd_niter)]
+    if options.lowrank_iters and rank:
+        if len(layers) > 1:
+            logger.info("lowrank_iters is not applied to shared low-rank units (%s)", names)
+        else:
+            lrs = [refine_low_rank(ws, lrs[0], lambda r: fake_quantize(r, wspec), options.lowrank_iters, options.svd, options.svd_niter)]
+    for layer, wi, lr in zip(layers, weights, lrs):
+        layer.set_decomposition(s, lr.up, lr.down, wi)
+    if options.gptq:
+        xs = x / s + shift
+        h = 2.0 / xs.shape[0] * (xs.double().t() @ xs.double())
+        for layer in layers:
+            _gptq_layer(layer, h.float(), options)
+    y = torch.cat([layer(x) - (0 if layer.bias is None else layer.bias.float()) for layer in layers], dim=-1).float()
+    err = float((y - y_ref).pow(2).mean() / ref_power)
+    return UnitResult(names or [], found.alpha, found.beta, err, time.perf_counter() - t0, found.errors)
+
+
+@torch.no_grad()
+def _gptq_layer(layer: QuantLayerMixin, hessian: torch.Tensor, options: SVDQuantOptions) -> None:
+    """GPTQ-round the layer's (residual) weight with its min-max scales fixed; rounding stays on its grid."""
+    wq = layer.weight_quantizer
+    s, z = wq.expanded()
+    z = torch.zeros_like(s) if z is None else z
+    fmt = wq.spec.fmt
+
+    def round_column(col: torch.Tensor, j: int) -> torch.Tensor:
+        return (fmt.round(col / s[:, j] + z[:, j]) - z[:, j]) * s[:, j]
+
+    w = layer._parameters["weight"]
+    q = gptq_quantize(w.float(), hessian, round_column, blocksize=options.gptq_blocksize, percdamp=options.gptq_damp)
+    w.data.copy_(q.to(w.dtype))
+    if isinstance(layer, SVDQLinear):
+        layer._invalidate()
+
+
+# -- the calibrator ------------------------------------------------------------------------------------
+def _units(names: list[str], inputs: dict[str, LayerInputs], shared: bool) -> list[list[str]]:
+    if not shared:
+        return [[n] for n in names]
+    groups: dict[Any, list[str]] = {}
+    for n in names:
+        # Same tensor in every call, and siblings in one module (an address alone may be reused).
+        key = (n.rpartition(".")[0], inputs[n].source) if inputs[n].source else n
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def calibrate_layers(
+    denoiser: nn.Module, layers: dict[str, QuantLayerMixin], options: SVDQuantOptions, samples: Any
+) -> dict[str, UnitResult]:
+    """Capture inputs of every SVDQLinear in `layers` from `samples` (denoiser (args, kwargs)) and calibrate them."""
+    svdq = {n: l for n, l in layers.items() if isinstance(l, SVDQLinear)}
+    if not svdq:
+        return {}
+    inputs = capture_layer_inputs(denoiser, layers, samples, list(svdq), max_tokens=options.max_tokens)
+    results = {}
+    for unit in tqdm(_units(list(svdq), inputs, options.shared_lowrank), desc="dq: svdquant", leave=False):
+        first = inputs[unit[0]]
+        if first.count == 0:
+            raise DQError(f"layer {unit[0]!r} received no input while replaying the calibration samples; it cannot be calibrated.")
+        for n in unit:
+            layer = svdq[n]
+            if layer.act_shift and float(inputs[n].minimum) < -layer.act_shift:
+                # Not a post-GELU input after all: quantize it signed, unshifted.
+                logger.warning("layer %s: input minimum %.3f is below -%.4f; no unsigned shift", n, float(inputs[n].minimum), layer.act_shift)
+                layer.act_shift = 0.0
+                spec = layer.act_quantizer.spec
+                layer.act_quantizer.spec = replace(spec, format=f"int{spec.fmt.bits}")
+        with torch.no_grad():
+            result = calibrate_unit([svdq[n] for n in unit], first.tokens, first.absmax, options, names=unit)
+        for n in unit:
+            results[n] = result
+        logger.debug("%s: alpha=%.2f beta=%.2f rel. MSE %.3g (%.2fs)", unit, result.alpha, result.beta, result.error, result.seconds)
+    return results
+
+
+def denoiser_samples(denoiser: nn.Module, recipe: Any, context: CalibContext, batch_size: int = 8) -> list[tuple[tuple, dict]]:
+    """The denoiser calls to calibrate on, on the denoiser's device and dtype.
+
+    `context.calib` may be a list of (args, kwargs) calls, a dq.calib.collect.CalibData, or a CalibConfig
+    (None: the bundled default set), which dq.calib.collect runs the FP pipeline for.
+    """
+    calib = context.calib
+    if isinstance(calib, (list, tuple)) and calib and all(isinstance(c, tuple) and len(c) == 2 for c in calib):
+        return list(calib)
+    data = calib if isinstance(calib, CalibData) else calibration_data(context, recipe, sampling="uniform")
+    p = next(denoiser.parameters())
+    return [(to_device(a, p.device, p.dtype), to_device(k, p.device, p.dtype)) for _, a, k in data.batches(batch_size)]
+
+
+def make_calibrator(defaults: dict) -> Callable:
+    def calibrate(denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Any, context: CalibContext) -> None:
+        options = SVDQuantOptions.from_recipe(recipe, defaults)
+        samples = denoiser_samples(denoiser, recipe, context)
+        calibrate_layers(denoiser, layers, options, samples)
+
+    calibrate.plan_layers = make_planner(defaults)
+    return calibrate
+
+
+calibrate_svdquant = CALIBRATORS.register("svdquant")(make_calibrator({}))
+calibrate_smoothquant = CALIBRATORS.register("smoothquant")(make_calibrator({"rank": 0, "smooth": "fixed", "alpha": 0.5}))

@@ -1,0 +1,41 @@
+"""The `dq` command line: a thin shell over the public API. Each subcommand lives in its own module
+that exposes `add_arguments(parser)` and `run(args) -> int`; COMMANDS maps names to those modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dq.errors import DQError
+
+COMMANDS = {
+    "quantize": ("dq.commands.quantize", "calibrate + quantize a pipeline and save it"),
+    "recipes": ("dq.commands.recipes", "list the bundled recipes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dq", description="Quantize diffusers pipelines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except DQError as e:
+        print(f"dq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The RUN directory: where each artifact lives, atomic writes, and the guard against mixing configurations.
+
+Layout::
+
+    RUN/config.json                  generation settings (compared on every re-run) + scoring settings
+    RUN/images/<variant>/<i>_<seed>.png        one image per prompt index i (video: a directory of frames)
+    RUN/perf/<variant>/<batch>.json  time, steps and peak memory of the batch that made those images
+    RUN/variants/<variant>.json      weight bytes and quantization summary of the variant
+    RUN/results.json  RUN/report.md  RUN/grid.png  RUN/quality_vs_speed.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from dq.errors import DQError
+from dq.evaluation.config import CONFIG_VERSION, config_differences
+
+CONFIG_FILE = "config.json"
+
+
+class RunDir:
+    """Paths and atomic writers of one RUN directory.
+
+    Args:
+        root: The RUN directory.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def image_path(self, variant: str, index: int, seed: int, video: bool) -> Path:
+        """Where the image (or, for video, the frame directory) of prompt ``index`` lives."""
+        stem = f"{index:05d}_{seed}"
+        return self.root / "images" / variant / (stem if video else f"{stem}.png")
+
+    def perf_path(self, variant: str, batch: int) -> Path:
+        """Timing record of one generated batch."""
+        return self.root / "perf" / variant / f"{batch:05d}.json"
+
+    def variant_path(self, variant: str) -> Path:
+        """Weight bytes and quantization summary of a variant."""
+        return self.root / "variants" / f"{variant}.json"
+
+    def prepare(self, generation: dict, scoring: dict, overwrite: bool) -> bool:
+        """Create the RUN or check that it was made with the same generation settings; returns True on resume.
+
+        A RUN made with different generation settings, or a non-empty directory that is not a dq run, is
+        refused unless ``overwrite``, which deletes it first.
+        """
+        config_file = self.root / CONFIG_FILE
+        if self.root.exists() and overwrite:
+            shutil.rmtree(self.root)
+        resumed = False
+        if config_file.is_file():
+            try:
+                old = json.loads(config_file.read_text())["generation"]
+            except (ValueError, KeyError) as error:
+                raise DQError(f"{config_file}: unreadable ({error}); pass --overwrite to start the run afresh.") from None
+            diff = config_differences(old, generation)
+            if diff:
+                raise DQError(
+                    f"{self.root} holds a run with a different configuration:\n  " + "\n  ".join(diff) +
+                    "\nPass --overwrite to delete it and start again, or choose another --out."
+                )
+            resumed = True
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise DQError(
+                f"{self.root} exists and is not a dq eval run (no {CONFIG_FILE}); "
+                "pass --overwrite to replace it, or choose another --out."
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(config_file, {"version": CONFIG_VERSION, "generation": generation, "scoring": scoring})
+        return resumed
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (indented, keys in insertion order)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by ``write_json``."""
+    return json.loads(Path(path).read_text())
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write one ``(H, W, 3)`` uint8 image as PNG (lossless, so metrics see exactly what was generated)."""
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), suffix=".png")
+
+
+def write_frames(path: Path, frames: np.ndarray) -> None:
+    """Write a clip ``(F, H, W, 3)`` uint8 as a directory of PNG frames, renamed into place in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for f, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp / f"{f:04d}.png", format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """Read an image as ``(1, H, W, 3)`` uint8, or a frame directory as ``(F, H, W, 3)``."""
+    files = sorted(path.glob("*.png")) if path.is_dir() else [path]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])

@@ -1,0 +1,42 @@
+"""Atomic output directories: build next to the target, then rename; never overwrite without consent."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from dq.errors import DQError
+
+
+def check_writable(target: Path, overwrite: bool) -> None:
+    """Refuse an existing target unless overwrite; call before any long work starts."""
+    if target.exists() and not overwrite:
+        raise DQError(f"{str(target)!r} already exists; pass --overwrite to replace it, or choose another --out.")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename.
+
+    On any error (or interrupt) the temporary directory is removed and `target` is untouched.
+    """
+    target = Path(target)
+    check_writable(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        tmp.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(target)

@@ -1,0 +1,106 @@
+"""W4A16 GEMM: weight-only INT4 (per-group scales), 16-bit activations, for small token counts.
+
+At small M the layer is bound by reading the weight, so 4-bit weights move a quarter of the bytes of
+BF16 ones. Codes are unpacked to the activation dtype (exact: -8..7), each group's dot runs on the
+16-bit tensor cores, and the group scale is applied to the [BLOCK_M, BLOCK_N] partial sum rather than
+to the [GROUP, BLOCK_N] weight tile (fewer multiplies when BLOCK_M < GROUP).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dq.errors import DQError
+from dq.kernels.act_quant import rank_pad
+from dq.kernels.epilogue import lowrank_bias_epilogue, mma, tile_coords
+from dq.kernels.tuning import launch, m_key
+from dq.kernels.w4a4_gemm import unpack_int4
+
+
+@triton.jit
+def _w4a16_kernel(
+    a_ptr, b_ptr, bs_ptr, bias_ptr, la_ptr, lu_ptr, c_ptr,
+    M, N, K, R, M_KEY,
+    stride_am, stride_bn, stride_bsn, stride_lam, stride_lun, stride_cm,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """c[M, N] = a @ deq(b)^T (+ lora_act @ lora_up^T + bias).
+
+    a: fp16/bf16 [M, K]; b: uint8 [N, K/2] packed INT4, scales bs [N, K/GROUP]; K a multiple of GROUP.
+    """
+    pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, GROUP // 2)
+    rm = tl.minimum(offs_m, M - 1)
+    rn = tl.minimum(offs_n, N - 1)
+    a_even = a_ptr + rm[:, None] * stride_am + 2 * offs_h[None, :]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + offs_h[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        a_lo = tl.load(a_even)
+        a_hi = tl.load(a_even + 1)
+        b_lo, b_hi = unpack_int4(tl.load(b_ptrs))
+        if UPCAST:  # the interpreter cannot cast int8 to bfloat16
+            b_lo = b_lo.to(tl.float32)
+            b_hi = b_hi.to(tl.float32)
+        part = mma(a_lo, b_lo.to(a_lo.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+        part = mma(a_hi, b_hi.to(a_lo.dtype), part, UPCAST)
+        sb = tl.load(bs_ptr + rn * stride_bsn + g).to(tl.float32)
+        acc += part * sb[None, :]
+        a_even += GROUP
+        b_ptrs += GROUP // 2
+    lowrank_bias_epilogue(acc, offs_m, offs_n, M, N, R, la_ptr, stride_lam, lu_ptr, stride_lun,
+                          bias_ptr, c_ptr, stride_cm, HAS_LORA, HAS_BIAS, R_PAD, UPCAST)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = (x/s) deq(W)^T (+ ((x/s) L_down^T) L_up^T + b) for a 2-D fp16/bf16 x.
+
+    Smoothing and the low-rank down-projection run as torch ops here (weight-only layers rarely have
+    them); the up-projection and bias are fused into the GEMM epilogue.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise DQError(f"the W4A16 kernel takes float16 or bfloat16 activations, got {x.dtype}.")
+    M, K = x.shape
+    N = qweight.shape[0]
+    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or qweight.stride(-1) != 1:
+        raise DQError(f"INT4 weights must be packed uint8 [N, {K // 2}], got {qweight.dtype} {tuple(qweight.shape)}.")
+    if K % group_size or weight_scale.shape != (N, K // group_size):
+        raise DQError(f"weight scales {tuple(weight_scale.shape)} do not match [{N}, {K}/{group_size}].")
+    if smooth is not None:
+        x = x / smooth.to(x.dtype)
+    x = x.contiguous()
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    lora_act = (x.to(lora_down.dtype) @ lora_down.t()) if rank else None
+    lu = lora_up.contiguous() if rank else None
+    c = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return c
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(
+        _w4a16_kernel, "w4a16", grid, x.device,
+        (x, qweight, weight_scale, bias if bias is not None else c,
+         lora_act if rank else c, lu if rank else c, c,
+         M, N, K, rank, m_key(M),
+         x.stride(0), qweight.stride(0), weight_scale.stride(0),
+         lora_act.stride(0) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
+        dict(GROUP=group_size, HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
+    )
+    return c

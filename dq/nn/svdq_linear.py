@@ -1,0 +1,268 @@
+"""SVDQLinear: a QuantLinear with SVDQuant's smoothing vector and 16-bit low-rank branch.
+
+    y = Q(x/s) Q(R)^T + ((x/s) L_down^T) L_up^T + b,      R = W diag(s) - L_up L_down
+
+`smooth` (s, [in]), `lora_down` (L_down = V_r^T, [r, in]) and `lora_up` (L_up = U_r S_r, [out, r]) are
+16-bit buffers in both modes; in simulate mode the float Parameter `weight` holds the residual R (in the
+smoothed space), in deploy mode R is packed like any QuantLinear weight. LoRA adapters loaded onto the
+layer (dq.pipelines.lora) are concatenated onto the branch at run time and never touch these buffers,
+so removing them restores the exact previous output.
+
+With `act_shift` c > 0 (the post-GELU input of fc2) the quantized path sees x/s + c, which is non-negative
+and quantized with an unsigned format; the shift's contribution c * rowsum(Q(R) + L_up L_down) is
+subtracted from the bias, so the layer still computes x W^T + b.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dq.errors import DQError
+from dq.kernels import quantized_linear
+from dq.nn.quant_linear import QuantLinear
+from dq.nn.swap import QUANT_LAYER_TYPES
+from dq.quant import QuantSpec
+
+BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _check_options(name: str, in_f: int, out_f: int, rank: int, branch_dtype: str, act_shift: float) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise DQError(f"{name}: rank must be a non-negative integer, got {rank!r}.")
+    if rank > min(in_f, out_f):
+        raise DQError(
+            f"{name}: rank {rank} exceeds the layer size [{out_f}, {in_f}] (at most {min(in_f, out_f)}); "
+            "lower `rank` in the recipe options."
+        )
+    if branch_dtype not in BRANCH_DTYPES:
+        raise DQError(f"{name}: branch_dtype {branch_dtype!r} is not one of {sorted(BRANCH_DTYPES)}.")
+    if not isinstance(act_shift, (int, float)) or act_shift < 0:
+        raise DQError(f"{name}: act_shift must be a non-negative number, got {act_shift!r}.")
+
+
+class SVDQLinear(QuantLinear):
+    """nn.Linear computed as a quantized residual plus a 16-bit low-rank branch, on smoothed inputs.
+
+    Example:
+        >>> from dq.quant import QuantSpec, PerGroup, PerToken
+        >>> w4, a4 = QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64))
+        >>> layer = SVDQLinear.from_float(nn.Linear(256, 128), w4, a4, rank=32)   # data-free: SVD, no smoothing
+        >>> layer.deploy()
+        >>> y = layer(torch.randn(4, 256))
+    """
+
+    kind = "svdq_linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None,
+        rank: int = 32,
+        branch_dtype: str = "float16",
+        act_shift: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_options(type(self).__name__, in_features, out_features, rank, branch_dtype, act_shift)
+        super().__init__(in_features, out_features, bias, weight_spec, act_spec, device=device, dtype=dtype)
+        self.rank = rank
+        self.branch_dtype = branch_dtype
+        self.act_shift = float(act_shift)
+        bd = BRANCH_DTYPES[branch_dtype]
+        self.register_buffer("smooth", torch.ones(in_features, dtype=bd, device=device))
+        self.register_buffer("lora_down", torch.zeros(rank, in_features, dtype=bd, device=device))
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=bd, device=device))
+        # name -> (down [r, in] already multiplied by s, up [out, r], strength); see dq.pipelines.lora.
+        self.adapters: dict[str, list] = {}
+        self._branch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._shift_cache: torch.Tensor | None = None
+
+    @classmethod
+    def wrap(
+        cls,
+        linear: nn.Linear,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None,
+        rank: int = 32,
+        branch_dtype: str = "float16",
+        act_shift: float = 0.0,
+    ) -> "SVDQLinear":
+        """An SVDQLinear sharing `linear`'s parameters, with s = 1 and an all-zero branch (no SVD yet)."""
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec,
+            rank=rank, branch_dtype=branch_dtype, act_shift=act_shift, device="meta",
+        )
+        layer._adopt(linear)
+        device = linear.weight.device
+        for name in ("smooth", "lora_down", "lora_up"):
+            buf = layer._buffers[name]
+            layer._buffers[name] = (torch.ones if name == "smooth" else torch.zeros)(buf.shape, dtype=buf.dtype, device=device)
+        return layer
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None, **options) -> "SVDQLinear":
+        """Data-free SVDQ: rank-r randomized SVD of the weight (no smoothing), min-max residual scales.
+
+        Calibration (dq.calib.svdquant) replaces this with the searched smoothing and its decomposition.
+        """
+        layer = cls.wrap(module, weight_spec, act_spec, **options)
+        w = module.weight.detach().float()
+        r = layer.rank
+        if r == 0:
+            up, down = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
+        else:
+            with torch.random.fork_rng(devices=[]):  # a fixed sketch: the same layer always decomposes the same
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(w, q=min(r + 10, min(w.shape)), niter=4)
+            up, down = u[:, :r] * s[:r], v[:, :r].t()
+        layer.set_decomposition(torch.ones(w.shape[1]), up, down, w)
+        return layer
+
+    def layer_options(self) -> dict:
+        return {"rank": self.rank, "branch_dtype": self.branch_dtype, "act_shift": self.act_shift}
+
+    # -- calibration -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decomposition(
+        self, smooth: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> None:
+        """Install s and the branch (rounded to 16 bits) and set the residual R = W diag(s) - L_up L_down.
+
+        Args:
+            smooth: [in] smoothing scale s.
+            up, down: low-rank factors of W diag(s), [out, rank] and [rank, in].
+            weight: the original float weight W [out, in].
+            residual: a residual to install instead of the computed one (e.g. already GPTQ-rounded).
+        Min-max weight scales are reset from the new residual.
+        """
+        if self.deployed:
+            raise DQError("set_decomposition needs a simulate-mode SVDQLinear; it was already deployed.")
+        if down.shape[0] != self.rank or up.shape[1] != self.rank:
+            raise DQError(f"low-rank factors have rank {down.shape[0]}; this layer was planned with rank {self.rank}.")
+        bd = BRANCH_DTYPES[self.branch_dtype]
+        device = self._parameters["weight"].device
+        self.smooth = smooth.to(device=device, dtype=bd)
+        self.lora_down = down.to(device=device, dtype=bd).contiguous()
+        self.lora_up = up.to(device=device, dtype=bd).contiguous()
+        if residual is None:
+            # Against the 16-bit values actually stored, so R + L_up L_down = W diag(s) up to float32 rounding.
+            residual = weight.float().to(device) * self.smooth.float() - self.lora_up.float() @ self.lora_down.float()
+        old = self._parameters["weight"]
+        self._parameters["weight"] = nn.Parameter(residual.to(old.dtype), requires_grad=old.requires_grad)
+        self.init_weight_scales()
+        self._invalidate()
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight this layer approximates, (R + L_up L_down) diag(1/s) (unquantized R in simulate mode)."""
+        r = self._parameters["weight"].float() if not self.deployed else super().dequantized_weight().float()
+        return (r + self.lora_up.float() @ self.lora_down.float()) / self.smooth.float()
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unquantized layer (used to collect calibration inputs with no quantization upstream)."""
+        return F.linear(x, self.float_weight().to(x.dtype), self.bias)
+
+    # -- the branch, with LoRA adapters concatenated -------------------------------------------------
+    def _invalidate(self) -> None:
+        self._branch_cache = None
+        self._shift_cache = None
+
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of the whole low-rank branch: the SVD factors, then each active adapter's."""
+        if not self.adapters:
+            return self.lora_down, self.lora_up
+        if self._branch_cache is None:
+            downs, ups = [self.lora_down], [self.lora_up]
+            for down, up, strength in self.adapters.values():
+                if strength != 0:
+                    downs.append(down.to(device=self.lora_down.device, dtype=self.lora_down.dtype))
+                    ups.append((up.to(self.lora_up.device).float() * strength).to(self.lora_up.dtype))
+            self._branch_cache = (torch.cat(downs, 0).contiguous(), torch.cat(ups, 1).contiguous())
+        return self._branch_cache
+
+    def _shifted_bias(self, qweight_float: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """b - c * rowsum(Q(R) + up @ down): cancels the shift the quantized path and the branch see."""
+        if qweight_float is None and self._shift_cache is not None:
+            return self._shift_cache
+        rq = qweight_float if qweight_float is not None else super().dequantized_weight().float()
+        corr = rq.sum(1) + up.float() @ down.float().sum(1)
+        out = -self.act_shift * corr
+        if self.bias is not None:
+            out = out + self.bias.float()
+        if qweight_float is None:
+            self._shift_cache = out
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.branch()
+        if not self.deployed:
+            return self._simulate(x, down, up)
+        bias = self.bias
+        if self.act_shift:
+            x = x + self.act_shift * self.smooth.to(x.dtype)
+            bias = self._shifted_bias(None, down, up)
+        return quantized_linear(
+            x,
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero,
+            bias,
+            weight_format=self.weight_quantizer.spec.format,
+            in_features=self.in_features,
+            act_spec=self.act_quantizer.spec,
+            smooth=self.smooth,
+            lora_down=down,
+            lora_up=up,
+        )
+
+    def _simulate(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized forward, the same math as the deployed kernel (fp32 accumulation)."""
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features) / self.smooth.to(x.dtype)
+        wq = self.fake_quantized_weight().float()
+        bias = self.bias
+        if self.act_shift:
+            xs = xs + self.act_shift
+            bias = self._shifted_bias(wq, down, up)
+        y = F.linear(self.act_quantizer(xs.float()), wq)
+        if down.shape[0] > 0:
+            y = y + (xs.to(down.dtype) @ down.t() @ up.t()).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    # -- deploy ---------------------------------------------------------------------------------------
+    def deploy(self) -> None:
+        super().deploy()
+        self._invalidate()
+
+    def allocate_deployed(self, device: torch.device | str = "cpu") -> None:
+        super().allocate_deployed(device)
+        for name in ("smooth", "lora_down", "lora_up"):
+            buf = self._buffers[name]
+            self._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+        self._invalidate()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the deployed layer approximates: (deq(R) + L_up L_down) diag(1/s)."""
+        return self.float_weight().reshape(self.weight_shape).to(self.weight_dtype)
+
+    def weight_nbytes(self) -> int:
+        branch = sum(t.numel() * t.element_size() for t in (self.smooth, self.lora_down, self.lora_up))
+        return super().weight_nbytes() + branch
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._invalidate()
+
+    def extra_repr(self) -> str:
+        shift = f", act_shift={self.act_shift}" if self.act_shift else ""
+        adapters = f", adapters={list(self.adapters)}" if self.adapters else ""
+        return f"{super().extra_repr()}, rank={self.rank}{shift}{adapters}"
+
+
+QUANT_LAYER_TYPES[SVDQLinear.kind] = SVDQLinear

@@ -1,0 +1,74 @@
+"""Train ``ref-sd``: an SD1.5-shaped ``StableDiffusionPipeline`` on the reference shapes.
+
+    python -m dq.reference.train_vae            # once, builds build/reference/vae-image
+    python -m dq.reference.train_sd [--steps N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import components, training
+from .tokenization import clip_tokenizer
+
+
+def build_pipeline(vae_dir: Path, seed: int):
+    """Untrained ``ref-sd``: trained VAE, frozen random text encoder, fresh UNet."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        text_encoder=components.clip_text_encoder(seed),
+        tokenizer=clip_tokenizer(),
+        unet=components.sd_unet(seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents (posterior mean) of [-1, 1] images, in batches."""
+    z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    return z * vae.config.scaling_factor
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-sd", steps=6000, batch_size=64, lr=1e-3, samples=30000)
+    p.add_argument("--vae", type=Path, default=training.BUILD_DIR / "vae-image", help="trained image VAE")
+    args = p.parse_args(argv)
+    training.setup(args)
+    from diffusers import DDPMScheduler
+
+    pipe = build_pipeline(args.vae, args.seed)
+    captions, images = training.render_images(args.samples, args.seed)
+    latents = encode_images(pipe.vae, images)
+    unique, caption_ids = training.caption_index(captions)
+    with torch.no_grad():
+        text = pipe.encode_prompt(unique, "cpu", 1, False)[0]
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = pipe.unet
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        cond = text[training.drop_captions(caption_ids[idx], gen)]
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, cond).sample
+        return F.mse_loss(pred, noise)
+
+    seconds = training.fit(unet, loss_fn, len(latents), args)
+    pipe.to(torch.float16)
+    training.atomic_save(args.out, lambda d: pipe.save_pretrained(d), training.run_info(args, seconds))
+
+
+if __name__ == "__main__":
+    main()
