@@ -1,5 +1,7 @@
 """dq: quantization for diffusers pipelines. `import dq` registers dq as a diffusers quantization backend."""
 
+from dq.cache import disable_cache
+from dq.cache import enable_cache
 from dq.errors import DQError
 from dq.pipelines import DQConfig, QuantReport, quantize, register_backend
 from dq.recipes import Recipe
@@ -8,4 +10,4 @@ register_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["DQConfig", "DQError", "QuantReport", "Recipe", "quantize"]
+__all__ = ["DQConfig", "DQError", "QuantReport", "Recipe", "disable_cache", "enable_cache", "quantize"]

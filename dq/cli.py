@@ -13,6 +13,9 @@ from dq.errors import DQError
 COMMANDS = {
     "quantize": ("dq.commands.quantize", "calibrate + quantize a pipeline and save it"),
     "recipes": ("dq.commands.recipes", "list the bundled recipes"),
+    "eval": ("dq.commands.eval", "generate seeded FP-vs-quantized image pairs and score them (resumable, shardable)"),
+    "demo": ("dq.commands.demo", "quantize the reference model with the strongest recipes and print the eval table"),
+    "bench": ("dq.commands.bench", "run the kernel or pipeline benchmarks (benchmarks/*.py)"),
 }
 
 

@@ -111,13 +111,9 @@ def run(pipe, kwargs, seed: int = 0) -> torch.Tensor:
     return (out.images if hasattr(out, "images") else out.frames).detach()
 
 
+
 def load(directory: str):
-    """Reload a saved tiny pipeline; components saved as None (no text encoders) are passed as None."""
-    import json
-    from pathlib import Path
+    """Reload a saved tiny pipeline the way `dq` commands do (components saved as None stay None)."""
+    from dq.pipelines.loading import load_pipeline
 
-    from diffusers import DiffusionPipeline
-
-    index = json.loads((Path(directory) / "model_index.json").read_text())
-    missing = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-    return DiffusionPipeline.from_pretrained(directory, **missing)
+    return load_pipeline(str(directory))

@@ -13,7 +13,6 @@ images. A resumed run therefore reports the timings measured when the images wer
 
 from __future__ import annotations
 
-import copy
 import gc
 import inspect
 import logging
@@ -78,7 +77,7 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 class VariantBuilder:
-    """Build the pipeline of a variant: load the model, quantize a fresh copy with the recipe, enable caching.
+    """Build the pipeline of a variant: load a fresh copy of the model, quantize it with the recipe, enable caching.
 
     Args:
         load: Zero-argument callable returning a freshly loaded FP pipeline on the target device.
@@ -231,7 +230,3 @@ def read_perf(run: RunDir, variant: str) -> list[dict[str, Any]]:
     folder = run.root / "perf" / variant
     return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
-
-def copy_pipeline(pipe: Any) -> Any:
-    """A deep copy of a pipeline, for quantizing without touching the original."""
-    return copy.deepcopy(pipe)

@@ -50,16 +50,14 @@ class RunDir:
         """Weight bytes and quantization summary of a variant."""
         return self.root / "variants" / f"{variant}.json"
 
-    def prepare(self, generation: dict, scoring: dict, overwrite: bool) -> bool:
-        """Create the RUN or check that it was made with the same generation settings; returns True on resume.
+    def check(self, generation: dict) -> bool:
+        """Refuse a RUN made with different generation settings, or a non-empty directory that is not a dq run.
 
-        A RUN made with different generation settings, or a non-empty directory that is not a dq run, is
-        refused unless ``overwrite``, which deletes it first.
+        Returns True when the RUN exists with the same settings (a resume).
         """
         config_file = self.root / CONFIG_FILE
-        if self.root.exists() and overwrite:
-            shutil.rmtree(self.root)
-        resumed = False
+        if self.root.exists() and not self.root.is_dir():
+            raise DQError(f"--out {self.root} is a file; expected a directory for the run.")
         if config_file.is_file():
             try:
                 old = json.loads(config_file.read_text())["generation"]
@@ -68,17 +66,27 @@ class RunDir:
             diff = config_differences(old, generation)
             if diff:
                 raise DQError(
-                    f"{self.root} holds a run with a different configuration:\n  " + "\n  ".join(diff) +
-                    "\nPass --overwrite to delete it and start again, or choose another --out."
+                    f"{self.root} holds a run with a different configuration:\n  " + "\n  ".join(diff)
+                    + "\nPass --overwrite to delete it and start again, or choose another --out."
                 )
-            resumed = True
-        elif self.root.exists() and any(self.root.iterdir()):
+            return True
+        if self.root.exists() and any(self.root.iterdir()):
             raise DQError(
                 f"{self.root} exists and is not a dq eval run (no {CONFIG_FILE}); "
                 "pass --overwrite to replace it, or choose another --out."
             )
+        return False
+
+    def prepare(self, generation: dict, scoring: dict, overwrite: bool) -> bool:
+        """Create the RUN (deleting an existing one first with ``overwrite``) and write its config; True on resume."""
+        if overwrite and self.root.exists():
+            if self.root.is_dir():
+                shutil.rmtree(self.root)
+            else:
+                self.root.unlink()
+        resumed = self.check(generation)
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json(config_file, {"version": CONFIG_VERSION, "generation": generation, "scoring": scoring})
+        write_json(self.root / CONFIG_FILE, {"version": CONFIG_VERSION, "generation": generation, "scoring": scoring})
         return resumed
 
 

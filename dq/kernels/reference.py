@@ -58,7 +58,10 @@ def quantized_linear_reference(
         x2 = x2 / smooth.to(x2.dtype)
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec):
         xq, xs = int8_rowwise(x2, act_spec)
-        acc = torch._int_mm(xq, qweight.t().contiguous())
+        if xq.is_cuda and xq.shape[0] > 16:
+            acc = torch._int_mm(xq, qweight.t().contiguous())
+        else:  # _int_mm needs more than 16 rows on CUDA; float64 holds every INT8 dot product exactly
+            acc = xq.double() @ qweight.t().double()
         y = acc.float() * xs * weight_scale.float().reshape(1, -1)
     else:
         w = dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features)

@@ -95,6 +95,7 @@ class QuantLayerMixin:
             return
         w = self._parameters["weight"]
         grid = self.weight_quantizer.grid(w.detach().reshape(self.weight_2d_shape))
+        self.weight_quantizer.rounding = None  # learned rounding (AdaRound) is now baked into the codes
         del self._parameters["weight"]
         self.register_buffer("qweight", encode_codes(grid, self.weight_quantizer.spec.format))
         wq = self.weight_quantizer

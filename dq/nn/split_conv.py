@@ -108,6 +108,7 @@ class QuantSplitConv2d(QuantConv2d):
         del self._parameters["weight"]
         for suffix, wq, half in zip(_HALVES, self.weight_quantizers(), halves):
             self.register_buffer(f"qweight{suffix}", encode_codes(wq.grid(half), wq.spec.format))
+            wq.rounding = None
             self.register_buffer(f"weight_scale{suffix}", wq.scale.to(SCALE_DTYPE))
             self.register_buffer(f"weight_zero{suffix}", None if wq.zero is None else wq.zero.to(SCALE_DTYPE))
             wq.scale, wq.zero = None, None

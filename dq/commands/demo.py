@@ -1,0 +1,69 @@
+"""`dq demo`: the whole loop on the bundled reference model: quantize with the strongest recipes available,
+evaluate FP against each (16 prompts x 20 steps by default), print the report table and write the grid."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from dq.commands.eval import add_scoring_arguments, print_summary, scoring_config
+
+# One demo variant per precision, in this order; within a precision a calibrating method beats round-to-nearest,
+# and among calibrating methods the first listed here wins.
+PRECISIONS = ("w8a8", "w4a8", "w4a4")
+METHOD_PREFERENCE = ("svdquant", "smoothquant", "tfmq", "qdiffusion", "gptq")
+
+
+def demo_variants() -> list[str]:
+    """The strongest bundled recipe of each precision (calibrated when one is registered), FP first.
+
+    Example:
+        >>> demo_variants()
+        ['fp', 'w8a8', 'w4a8', 'svdquant-w4a4']
+    """
+    from dq.recipes import bundled_recipe_names, load_recipe
+
+    recipes = {name: load_recipe(name) for name in bundled_recipe_names()}
+    chosen = ["fp"]
+    for precision in PRECISIONS:
+        candidates = [name for name in recipes if precision in name.replace("_", "-").split("-")]
+        if not candidates:
+            continue
+        chosen.append(min(candidates, key=lambda name: _rank(name, recipes[name].method)))
+    return chosen
+
+
+def _rank(name: str, method: str) -> tuple[int, int, str]:
+    """Calibrated before round-to-nearest; then METHOD_PREFERENCE order; then the shorter (plainer) name."""
+    calibrated = 0 if method != "rtn" else 1
+    order = next((i for i, m in enumerate(METHOD_PREFERENCE) if m in name or m in method), len(METHOD_PREFERENCE))
+    return calibrated, order, f"{len(name):03d}{name}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="ref-sd", help="a reference name, local diffusers directory or hub id (default ref-sd)")
+    parser.add_argument("--variants", default=None, help="comma-separated variants (default: fp + the strongest bundled recipe per precision)")
+    parser.add_argument("--prompts", default="reference", help="a prompt file or 'reference' (default)")
+    parser.add_argument("--n", type=int, default=16, help="number of prompts (default 16)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    add_scoring_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="the RUN directory (default runs/demo; a re-run resumes)")
+    parser.add_argument("--overwrite", action="store_true", help="delete a RUN made with a different configuration and start again")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dq.eval import EvalConfig, evaluate
+
+    start = time.perf_counter()
+    variants = args.variants.split(",") if args.variants else demo_variants()
+    print(f"dq demo: {args.model}, variants {', '.join(variants)}; {args.n} prompts x {args.steps} steps -> {args.out}")
+    cfg = EvalConfig(
+        model=args.model, out=args.out, variants=variants, prompts=args.prompts, n=args.n, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, scoring=scoring_config(args), overwrite=args.overwrite,
+    )
+    results = evaluate(cfg)
+    print_summary(results, args.out, time.perf_counter() - start)
+    return 0

@@ -1,0 +1,218 @@
+"""``evaluate``: check the input, generate what is missing, score, and write the report (rank 0 only).
+
+Under ``accelerate launch`` every process runs this same function: batches of prompts are shared with
+``PartialState.split_between_processes``, metrics are gathered through torchmetrics' sync, and only the main
+process writes config.json, results.json and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dq.evaluation.config import (
+    EvalConfig,
+    Variant,
+    check_model,
+    generation_record,
+    parse_variants,
+    read_prompts,
+    reference_names,
+)
+from dq.evaluation.generation import (
+    VariantBuilder,
+    call_arguments,
+    generate_variant,
+    make_batches,
+    make_items,
+    read_perf,
+    summarize_perf,
+)
+from dq.evaluation.report import add_ratios, markdown_report, write_grid, write_plot
+from dq.evaluation.rundir import RunDir, read_json, write_json
+from dq.evaluation.scoring import build_metrics, real_images, score_variants
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run (or resume) an evaluation and return its results (the content of RUN/results.json).
+
+    Args:
+        cfg: What to evaluate and where to write it.
+
+    Example:
+        >>> from dq.eval import EvalConfig, evaluate
+        >>> results = evaluate(EvalConfig(model="ref-sd", out="runs/sd", variants=["fp", "w8a8"], n=8, steps=20))
+        >>> results["variants"]["w8a8"]["metrics"]["psnr"]["value"]
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = state.device
+    # Everything a user can get wrong is checked here, on every process, before any model is loaded.
+    model_id = check_model(cfg.model)
+    variants = parse_variants(cfg.variants)
+    reference_domain = model_id in reference_names(_reference())
+    video = _is_video_model(model_id)
+    prompts = read_prompts(cfg.prompts, cfg.n, video=video and reference_domain)
+    dtype_name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
+    metric_set = build_metrics(cfg.scoring, reference_domain, device)
+    generation = generation_record(cfg, model_id, variants, prompts, dtype_name)
+    scoring_record = {"requested": cfg.scoring.metrics, "settings": metric_set.settings, "skipped": metric_set.skipped}
+    run = RunDir(cfg.out)
+    if not cfg.overwrite:
+        run.check(generation)  # on every process, so all of them stop alike
+    state.wait_for_everyone()
+    if state.is_main_process:
+        resumed = run.prepare(generation, scoring_record, cfg.overwrite)
+        if resumed:
+            logger.info("dq eval: resuming %s", run.root)
+    state.wait_for_everyone()
+
+    items = make_items(prompts, cfg.seed)
+    batches = list(enumerate(make_batches(items, cfg.batch_size)))
+    with state.split_between_processes(batches) as shard:
+        my_batches = list(shard)
+    call_defaults = _reference_call_defaults(model_id) if reference_domain else {}
+
+    def load() -> Any:
+        from dq.pipelines.loading import load_pipeline
+
+        return load_pipeline(model_id, device=device, dtype=_DTYPES[dtype_name])
+
+    def call_kwargs_for(pipe: Any) -> dict[str, Any]:
+        return call_arguments(
+            pipe, cfg.steps, cfg.guidance,
+            cfg.height or call_defaults.get("height"), cfg.width or call_defaults.get("width"),
+            cfg.num_frames or call_defaults.get("num_frames"),
+        )
+
+    builder = VariantBuilder(load)
+    for variant in variants:
+        generate_variant(variant, my_batches, run, builder, call_kwargs_for, video, device, state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _ensure_variant_info(run, variants, builder)
+    state.wait_for_everyone()
+
+    real = real_images(prompts, cfg.seed) if reference_domain and metric_set.real_fid is not None else None
+    scores = score_variants(variants, my_batches, run, metric_set, video, real, state.is_main_process)
+    results = _assemble(run, generation, variants, scores, metric_set, str(device))
+    if state.is_main_process:
+        _write_outputs(run, results, items, video)
+    state.wait_for_everyone()
+    return results
+
+
+def _reference() -> Any:
+    from dq import reference
+
+    return reference
+
+
+def _is_video_model(model_id: str) -> bool:
+    """Whether the model makes clips, from its pipeline class (no weights are loaded)."""
+    import inspect
+
+    import diffusers
+
+    reference = _reference()
+    if model_id in reference_names(reference):
+        is_video = getattr(reference, "is_video", None)
+        return bool(is_video(model_id)) if callable(is_video) else model_id.endswith("video")
+    index = Path(model_id) / "model_index.json"
+    if not index.is_file():
+        try:
+            config = diffusers.DiffusionPipeline.load_config(model_id, local_files_only=True)
+        except (OSError, ValueError):
+            return False
+        class_name = config.get("_class_name")
+    else:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(class_name), None)
+    return cls is not None and "num_frames" in inspect.signature(cls.__call__).parameters
+
+
+def _reference_call_defaults(model_id: str) -> dict[str, Any]:
+    """Output size the reference pipeline was trained for (32x32; 9 frames for video)."""
+    reference = _reference()
+    defaults = getattr(reference, "call_defaults", None)
+    if callable(defaults):
+        return dict(defaults(model_id))
+    from dq.reference import data
+
+    out: dict[str, Any] = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
+    if _is_video_model(model_id):
+        out["num_frames"] = data.NUM_FRAMES
+    return out
+
+
+def _ensure_variant_info(run: RunDir, variants: list[Variant], builder: VariantBuilder) -> None:
+    """Measure weight bytes of a variant whose info file is missing (e.g. deleted by hand) without generating."""
+    for variant in variants:
+        if not run.variant_path(variant.name).is_file():
+            pipe, info = builder.build(variant)
+            write_json(run.variant_path(variant.name), info)
+            del pipe
+
+
+def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: dict, metric_set: Any,
+              device: str) -> dict[str, Any]:
+    """results.json: configuration, metric settings, and per variant its metrics, size and measured perf."""
+    from accelerate import PartialState
+
+    fp = next(v for v in variants if v.is_fp)
+    results: dict[str, Any] = {
+        "version": 1,
+        "config": generation,
+        "fp": fp.name,
+        "device": device,
+        "num_processes": PartialState().num_processes,
+        "metric_settings": metric_set.settings,
+        "skipped_metrics": metric_set.skipped,
+        "variants": {},
+    }
+    for variant in variants:
+        info_path = run.variant_path(variant.name)
+        info = read_json(info_path) if info_path.is_file() else {}
+        results["variants"][variant.name] = {
+            "recipe": variant.recipe,
+            "cache": variant.cache,
+            "quantization": info.get("quantization"),
+            "weight_bytes": info.get("weight_bytes"),
+            "metrics": scores.get(variant.name, {}),
+            "perf": {**(summarize_perf(read_perf(run, variant.name)) or {}), "build_seconds": info.get("build_seconds")},
+        }
+    add_ratios(results, fp.name)
+    return results
+
+
+def _write_outputs(run: RunDir, results: dict[str, Any], items: list[Any], video: bool) -> None:
+    write_json(run.root / "results.json", results)
+    report = markdown_report(results)
+    (run.root / "report.md").parent.mkdir(parents=True, exist_ok=True)
+    from dq.evaluation.rundir import atomic_write
+
+    atomic_write(run.root / "report.md", lambda tmp: tmp.write_text(report))
+    write_grid(run.root / "grid.png", run, results, items, video)
+    write_plot(run.root / "quality_vs_speed.png", results)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The report table of a results dict, for printing."""
+    from dq.evaluation.report import markdown_table
+
+    return markdown_table(results)
+
+
+def load_results(out: str | Path) -> Optional[dict[str, Any]]:
+    """Read RUN/results.json, or None when the run has not finished."""
+    path = Path(out) / "results.json"
+    return read_json(path) if path.is_file() else None
