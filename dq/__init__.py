@@ -2,6 +2,7 @@
 
 from dq.cache import disable_cache
 from dq.cache import enable_cache
+from dq.calib.collect import CalibConfig
 from dq.errors import DQError
 from dq.pipelines import DQConfig, QuantReport, quantize, register_backend
 from dq.recipes import Recipe
@@ -10,4 +11,4 @@ register_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["DQConfig", "DQError", "QuantReport", "Recipe", "disable_cache", "enable_cache", "quantize"]
+__all__ = ["CalibConfig", "DQConfig", "DQError", "QuantReport", "Recipe", "disable_cache", "enable_cache", "quantize"]

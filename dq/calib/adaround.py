@@ -12,8 +12,6 @@ codes and `deploy()` packs them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -126,7 +124,3 @@ def harden(roundings: list[AdaRound]) -> None:
     for r in roundings:
         r.soft = False
         r.alpha.requires_grad_(False)
-
-
-def log_ratio(a: float, b: float) -> float:
-    return math.log10(max(a, 1e-30) / max(b, 1e-30))

@@ -215,3 +215,27 @@ def calibrate_activations(
                     q.zero[g] = zero.reshape(1, 1).to(device)
     attach_timestep_hook(denoiser)
     return n_groups
+
+
+# -- the cheap calibrator: round-to-nearest weights, timestep-grouped min-max activations --------------
+def _register() -> None:
+    from dq.calib.registry import CALIBRATORS
+
+    @CALIBRATORS.register("timestep")
+    def calibrate_timestep(denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Any, context: Any) -> None:
+        """Min-max weight scales (set at swap) and per-timestep-group static activation scales."""
+        from dq.calib.collect import calibration_data
+        from dq.calib.observers import OBSERVERS
+
+        defaults = {"timestep_groups": 4, "act_observer": "minmax", "batch_size": 8}
+        opts = dict(recipe.options or {})
+        unknown = sorted(set(opts) - set(defaults))
+        if unknown:
+            raise DQError(f"recipe {recipe.name!r}: unknown option(s) {unknown} for method 'timestep'; allowed: {sorted(defaults)}.")
+        opts = {**defaults, **opts}
+        OBSERVERS.get(opts["act_observer"])
+        data = calibration_data(context, recipe, sampling="uniform")
+        calibrate_activations(denoiser, layers, data, opts["act_observer"], int(opts["timestep_groups"]), int(opts["batch_size"]), weights_quantized=True)
+
+
+_register()

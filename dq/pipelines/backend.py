@@ -149,7 +149,28 @@ class DQQuantizer(DiffusersQuantizer):
         return True
 
 
+def _transformers_config_class() -> type:
+    """transformers' twin of DQConfig (same __init__ signature, as PipelineQuantizationConfig requires).
+
+    dq quantizes diffusion denoisers only, so building it for a transformers component (a text encoder)
+    is refused with a message that says how to pick components.
+    """
+    from transformers.utils.quantization_config import QuantizationConfigMixin as TransformersConfigMixin
+
+    class DQTransformersConfig(TransformersConfigMixin):
+        def __init__(self, recipe: str | dict = "w8a8", modules: dict | None = None, version: int = 1, **unused: Any) -> None:
+            raise DQError(
+                "dq quantizes diffusion denoisers (unet / transformer), not transformers text encoders; "
+                "pass components_to_quantize=['transformer'] (or ['unet']) to PipelineQuantizationConfig."
+            )
+
+    return DQTransformersConfig
+
+
 def register_backend() -> None:
-    """Insert dq into diffusers' (and transformers', when importable) auto quantizer mappings, as sdnq does."""
+    """Insert dq into diffusers' and transformers' auto quantization mappings, as sdnq does."""
     diffusers_auto.AUTO_QUANTIZER_MAPPING["dq"] = DQQuantizer
     diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["dq"] = DQConfig
+    from transformers.quantizers import auto as transformers_auto
+
+    transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault("dq", _transformers_config_class())

@@ -133,3 +133,17 @@ def test_load_time_config_refuses_calibrated_recipe(tmp_path):
     recipe = {**load_recipe("w8a8").to_dict(), "name": "needs-data", "needs_data": True}
     with pytest.raises(dq.DQError, match="calibrates on data"):
         PixArtTransformer2DModel.from_pretrained(tmp_path / "fp", quantization_config=dq.DQConfig(recipe))
+
+
+def test_pipeline_quantization_config_backend(tmp_path):
+    """diffusers' PipelineQuantizationConfig(quant_backend="dq") quantizes the denoiser while loading."""
+    from diffusers import PipelineQuantizationConfig
+
+    from diffusers import PixArtSigmaPipeline
+
+    build("pixart")[0].save_pretrained(tmp_path / "fp")
+    config = PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"recipe": "w4a16"}, components_to_quantize=["transformer"])
+    pipe = PixArtSigmaPipeline.from_pretrained(tmp_path / "fp", quantization_config=config, tokenizer=None, text_encoder=None)
+    assert pipe.transformer.is_quantized
+    with pytest.raises(dq.DQError, match="components_to_quantize"):
+        PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"recipe": "w4a16"})._resolve_quant_config(is_diffusers=False, module_name="text_encoder")
