@@ -36,7 +36,7 @@ from dq.calib.state import quant_state
 from dq.calib.timestep import calibrate_activations
 from dq.errors import DQError
 from dq.nn.swap import FLOAT_LAYER_KIND, LayerPlan, swap_layers
-from dq.pipelines.walker import _fits
+from dq.quant import PerGroup, PerToken
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def find_temporal_block(denoiser: nn.Module, keep_first_linear: bool = True) -> 
         f"TFMQ found no temporal information block in {type(denoiser).__name__}: expected a UNet with "
         "time_embedding/time_emb_proj or a DiT with adaln_single. Use the qdiffusion or ptq4dm recipe."
     )
+
+
+def _fits(spec: Any, in_features: int) -> bool:
+    g = None if spec is None else spec.granularity
+    size = getattr(g, "group_size", None) if isinstance(g, (PerGroup, PerToken)) else None
+    return not size or in_features % size == 0
 
 
 def quantize_tib_layers(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, recipe: Any) -> list[str]:

@@ -123,6 +123,11 @@ class QuantLayerMixin:
         )
         return w2d.reshape(self.weight_shape).to(self.weight_dtype)
 
+    def quant_repr(self) -> str:
+        act = self.act_quantizer.spec.format if self.act_quantizer.enabled else "none"
+        mode = "deploy" if self.deployed else "simulate"
+        return f"weight={self.weight_quantizer.spec.format}, act={act}, mode={mode}"
+
     def weight_nbytes(self) -> int:
         """Bytes of the weight as stored (codes + scales in deploy mode, the float tensor otherwise)."""
         if not self.deployed:

@@ -60,6 +60,4 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return self._conv_forward(self._quantize_input(x), w, self.bias)
 
     def extra_repr(self) -> str:
-        act = self.act_quantizer.spec.format if self.act_quantizer.enabled else "none"
-        mode = "deploy" if self.deployed else "simulate"
-        return f"{super().extra_repr()}, weight={self.weight_quantizer.spec.format}, act={act}, mode={mode}"
+        return f"{super().extra_repr()}, {self.quant_repr()}"
