@@ -29,11 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES: dict[str, list[tuple[str, int, int]]] = {  # (layer, N=out, K=in)
+    "flux": [("qkv/proj 3072", 3072, 3072), ("ff_in/proj_mlp", 12288, 3072), ("ff_out", 3072, 12288),
+             ("single proj_out", 3072, 15360)],
     "sd15": [("attn 320", 320, 320), ("geglu 320", 2560, 320), ("ff_out 1280", 320, 1280), ("attn 1280", 1280, 1280)],
     "sdxl": [("attn 1280", 1280, 1280), ("geglu 1280", 10240, 1280), ("ff_out 5120", 1280, 5120)],
     "pixart": [("attn 1152", 1152, 1152), ("ff_in", 4608, 1152), ("ff_out", 1152, 4608)],
-    "flux": [("qkv/proj 3072", 3072, 3072), ("ff_in/proj_mlp", 12288, 3072), ("ff_out", 3072, 12288),
-             ("single proj_out", 3072, 15360)],
     "wan": [("attn 5120", 5120, 5120), ("ffn_in", 13824, 5120), ("ffn_out", 5120, 13824)],
 }
 M_VALUES = [1, 16, 256, 1024, 4096, 16384]

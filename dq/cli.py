@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("dq.commands.eval", "generate seeded FP-vs-quantized image pairs and score them (resumable, shardable)"),
     "demo": ("dq.commands.demo", "quantize the reference model with the strongest recipes and print the eval table"),
     "bench": ("dq.commands.bench", "run the kernel or pipeline benchmarks (benchmarks/*.py)"),
+    "app": ("dq.commands.app", "start the Gradio side-by-side demo (FP vs quantized) on localhost"),
 }
 
 

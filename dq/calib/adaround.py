@@ -102,7 +102,7 @@ def attach_adaround(name: str, layer: nn.Module) -> list[AdaRound]:
     roundings = []
     for wq, w2d in weight_quantizers_of(layer):
         r = AdaRound(w2d, wq).to(w2d.device)
-        wq.rounding = r
+        object.__setattr__(wq, "rounding", r)  # a plain attribute: alpha stays out of the state dict
         roundings.append(r)
     return roundings
 

@@ -19,7 +19,7 @@ from dq.quant import PerTensor, QuantSpec, grid_ste, scales_from_range
 from dq.registry import Registry
 
 OBSERVERS: Registry[type["Observer"]] = Registry("observer")
-_RESERVOIR = 2**18  # activation values kept per observer for percentile / Lp search
+_RESERVOIR = 2**16  # activation values kept per observer for percentile / Lp search
 
 
 def fake_quant_grouped(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -190,6 +190,7 @@ class UnitResult:
     errors: dict = field(default_factory=dict)
 
 
+@torch.no_grad()
 def calibrate_unit(
     layers: list[SVDQLinear],
     x: torch.Tensor,

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from dq.eval import EvalConfig, evaluate
 
     start = time.perf_counter()
-    variants = args.variants.split(",") if args.variants else demo_variants()
-    print(f"dq demo: {args.model}, variants {', '.join(variants)}; {args.n} prompts x {args.steps} steps -> {args.out}")
+    variants = args.variants or ",".join(demo_variants())
+    print(f"dq demo: {args.model}, variants {variants}; {args.n} prompts x {args.steps} steps -> {args.out}")
     cfg = EvalConfig(
         model=args.model, out=args.out, variants=variants, prompts=args.prompts, n=args.n, seed=args.seed,
         steps=args.steps, batch_size=args.batch_size, scoring=scoring_config(args), overwrite=args.overwrite,

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     cfg = EvalConfig(
-        model=args.model, out=args.out, variants=args.variants.split(","), prompts=args.prompts, n=args.n, seed=args.seed,
+        model=args.model, out=args.out, variants=args.variants, prompts=args.prompts, n=args.n, seed=args.seed,
         steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, num_frames=args.num_frames,
         batch_size=args.batch_size, dtype=args.dtype, scoring=scoring_config(args), overwrite=args.overwrite,
     )

@@ -40,55 +40,70 @@ class Variant:
         return self.recipe is None and self.cache is None
 
 
+def split_variant_list(spec: str) -> list[str]:
+    """Split ``--variants`` on commas, keeping cache options together (``"fp,w8a8+deepcache:interval=5,branch=0"``)."""
+    names: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if names and "=" in token and "+" not in token and "+" in names[-1]:
+            names[-1] += "," + token  # another key=value of the previous variant's cache options
+        else:
+            names.append(token)
+    return names
+
+
 def parse_variants(spec: str | list[str]) -> list[Variant]:
     """Parse ``"fp,w8a8,svdquant-w4a4+deepcache"`` into variants, FP first (added when missing).
 
     Each recipe is loaded and each cache spec parsed now, so an unknown name fails before generation.
 
     Args:
-        spec: Comma-separated variant names, or a list of them.
+        spec: Comma-separated variant names, or a list of them. A name is ``fp`` or a recipe, optionally
+            followed by ``+CACHE[:key=value,...]`` (see ``dq.cache.parse_variant``).
 
     Example:
-        >>> [v.name for v in parse_variants("w8a8")]
-        ['fp', 'w8a8']
+        >>> [v.name for v in parse_variants("w8a8,w8a8+deepcache:interval=3")]
+        ['fp', 'w8a8', 'w8a8+deepcache:interval=3']
     """
     from dq.recipes import load_recipe
 
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    names = split_variant_list(spec) if isinstance(spec, str) else [s.strip() for s in spec if s.strip()]
     if not names:
         raise DQError("--variants is empty; expected e.g. 'fp,w8a8,svdquant-w4a4'.")
     variants: list[Variant] = []
     for name in names:
-        base, _, cache = name.partition("+")
-        base = base.strip()
-        recipe = None if base == FP else base
+        recipe, cache = parse_cache_variant(name)
         if recipe is not None:
             load_recipe(recipe)  # raises a DQError listing the bundled recipes
-        if cache:
-            validate_cache_spec(cache, name)
-        variant = Variant(name=name, recipe=recipe, cache=cache or None)
         if any(v.name == name for v in variants):
             raise DQError(f"variant {name!r} is listed twice in --variants.")
-        variants.append(variant)
+        variants.append(Variant(name=name, recipe=recipe, cache=cache))
     if not any(v.is_fp for v in variants):
         variants.insert(0, Variant(FP))
     variants.sort(key=lambda v: not v.is_fp)  # FP first: every other variant is scored against it
     return variants
 
 
-def validate_cache_spec(cache: str, variant: str) -> Any:
-    """Parse the ``+cache`` part of a variant with dq.cache's parser, or explain why caching is unavailable."""
+def parse_cache_variant(name: str) -> tuple[Optional[str], Optional[str]]:
+    """``"recipe+cache:opts"`` -> (recipe or None for FP, cache spec or None); the cache spec is validated."""
+    head, plus, tail = name.partition("+")
+    if plus:
+        cache_config(name)  # an unknown cache method or option raises here
+        return (None if head.strip() in ("", FP) else head.strip()), tail
+    return (None if head.strip() == FP else head.strip()), None
+
+
+def cache_config(name: str) -> Any:
+    """The cache config of a ``recipe+cache`` variant, from dq.cache's parser."""
     try:
-        from dq import cache as cache_module
+        from dq.cache import parse_variant
     except ImportError:
-        cache_module = None
-    parser = getattr(cache_module, "parse_cache_spec", None) if cache_module is not None else None
-    if parser is None:
         raise DQError(
-            f"variant {variant!r} asks for caching ({cache!r}), but this dq build has no cache methods "
-            "(dq.cache.parse_cache_spec is missing); drop the '+...' suffix."
-        )
-    return parser(cache)
+            f"variant {name!r} asks for caching, but this dq build has no cache methods (dq.cache.parse_variant "
+            "is missing); drop the '+...' suffix."
+        ) from None
+    return parse_variant(name)[1]
 
 
 def read_prompts(source: str, n: Optional[int], video: bool = False) -> list[str]:
@@ -208,7 +223,7 @@ class EvalConfig:
     Args:
         model: A reference pipeline name, a local diffusers directory, or a hub id.
         out: The RUN directory.
-        variants: Variant names; ``"fp"`` is added first when missing.
+        variants: Variant names (a list, or one comma-separated string); ``"fp"`` is added first when missing.
         prompts: A prompt file or ``"reference"``.
         n: Number of prompts (None: the whole file, 16 for ``"reference"``).
         seed: Image ``i`` uses the seed ``seed + i``.
@@ -228,7 +243,7 @@ class EvalConfig:
 
     model: str
     out: str | Path
-    variants: list[str] = field(default_factory=lambda: [FP])
+    variants: str | list[str] = field(default_factory=lambda: [FP])
     prompts: str = REFERENCE_PROMPTS
     n: Optional[int] = None
     seed: int = 0

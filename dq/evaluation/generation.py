@@ -103,21 +103,19 @@ class VariantBuilder:
                 "layers_skipped": len(report.skipped),
             }
         if variant.cache is not None:
-            enable_cache(pipe, variant.cache)
+            enable_cache(pipe, variant)
         pipe.set_progress_bar_config(disable=True)
         info["weight_bytes"] = denoiser_weight_bytes(find_denoiser(pipe))
         info["build_seconds"] = time.perf_counter() - start
         return pipe, info
 
 
-def enable_cache(pipe: Any, spec: str) -> None:
-    """Turn on the cache method a ``+spec`` variant suffix names."""
-    import dq
+def enable_cache(pipe: Any, variant: Variant) -> None:
+    """Turn on the cache method a ``+cache`` variant suffix names."""
+    from dq.cache import enable_cache as enable
+    from dq.evaluation.config import cache_config
 
-    from dq.evaluation.config import validate_cache_spec
-
-    config = validate_cache_spec(spec, spec)
-    dq.enable_cache(pipe, config)
+    enable(pipe, cache_config(variant.name))
 
 
 def generate_variant(

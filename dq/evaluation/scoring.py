@@ -105,7 +105,7 @@ def build_metrics(scoring: ScoringConfig, reference_domain: bool, device: torch.
             if explicit or _configured(name, scoring):
                 raise
             result.skipped[name] = str(error)
-            logger.warning("dq eval: skipping %s: %s", name, error)
+            logger.info("dq eval: skipping %s: %s", name, error)
             continue
         result.metrics[name] = metric.to(device)
         result.settings[name] = metric.settings()

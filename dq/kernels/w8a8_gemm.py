@@ -48,8 +48,8 @@ def _w8_gemm_kernel(
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k[None, :]) < K, other=0)
-            b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None]) < K, other=0)
+            a = tl.load(a_ptrs, mask=(k0 + offs_k[None, :]) < K, other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None]) < K, other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K

@@ -2,11 +2,12 @@
 
     y = Q(x/s) Q(R)^T + ((x/s) L_down^T) L_up^T + b,      R = W diag(s) - L_up L_down
 
-`smooth` (s, [in]), `lora_down` (L_down = V_r^T, [r, in]) and `lora_up` (L_up = U_r S_r, [out, r]) are
-16-bit buffers in both modes; in simulate mode the float Parameter `weight` holds the residual R (in the
-smoothed space), in deploy mode R is packed like any QuantLinear weight. LoRA adapters loaded onto the
-layer (dq.pipelines.lora) are concatenated onto the branch at run time and never touch these buffers,
-so removing them restores the exact previous output.
+`smooth` (s, [in]), `lowrank_down` (L_down = V_r^T, [r, in]) and `lowrank_up` (L_up = U_r S_r, [out, r]) are
+16-bit buffers in both modes (named lowrank_*, not lora_*: PEFT treats every state-dict key containing
+"lora_" as adapter weights); in simulate mode the float Parameter `weight` holds the residual R (in the
+smoothed space), in deploy mode R is packed like any QuantLinear weight. LoRA adapters (dq.pipelines.lora)
+run through `forward_with_branch`, concatenated onto the branch at call time; they never touch these
+buffers, so removing them restores the exact previous output.
 
 With `act_shift` c > 0 (the post-GELU input of fc2) the quantized path sees x/s + c, which is non-negative
 and quantized with an unsigned format; the shift's contribution c * rowsum(Q(R) + L_up L_down) is
@@ -75,12 +76,9 @@ class SVDQLinear(QuantLinear):
         self.act_shift = float(act_shift)
         bd = BRANCH_DTYPES[branch_dtype]
         self.register_buffer("smooth", torch.ones(in_features, dtype=bd, device=device))
-        self.register_buffer("lora_down", torch.zeros(rank, in_features, dtype=bd, device=device))
-        self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=bd, device=device))
-        # name -> (down [r, in] already multiplied by s, up [out, r], strength); see dq.pipelines.lora.
-        self.adapters: dict[str, list] = {}
-        self._branch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._shift_cache: torch.Tensor | None = None
+        self.register_buffer("lowrank_down", torch.zeros(rank, in_features, dtype=bd, device=device))
+        self.register_buffer("lowrank_up", torch.zeros(out_features, rank, dtype=bd, device=device))
+        self._shift_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def wrap(
@@ -99,7 +97,7 @@ class SVDQLinear(QuantLinear):
         )
         layer._adopt(linear)
         device = linear.weight.device
-        for name in ("smooth", "lora_down", "lora_up"):
+        for name in ("smooth", "lowrank_down", "lowrank_up"):
             buf = layer._buffers[name]
             layer._buffers[name] = (torch.ones if name == "smooth" else torch.zeros)(buf.shape, dtype=buf.dtype, device=device)
         return layer
@@ -147,11 +145,11 @@ class SVDQLinear(QuantLinear):
         bd = BRANCH_DTYPES[self.branch_dtype]
         device = self._parameters["weight"].device
         self.smooth = smooth.to(device=device, dtype=bd)
-        self.lora_down = down.to(device=device, dtype=bd).contiguous()
-        self.lora_up = up.to(device=device, dtype=bd).contiguous()
+        self.lowrank_down = down.to(device=device, dtype=bd).contiguous()
+        self.lowrank_up = up.to(device=device, dtype=bd).contiguous()
         if residual is None:
             # Against the 16-bit values actually stored, so R + L_up L_down = W diag(s) up to float32 rounding.
-            residual = weight.float().to(device) * self.smooth.float() - self.lora_up.float() @ self.lora_down.float()
+            residual = weight.float().to(device) * self.smooth.float() - self.lowrank_up.float() @ self.lowrank_down.float()
         old = self._parameters["weight"]
         self._parameters["weight"] = nn.Parameter(residual.to(old.dtype), requires_grad=old.requires_grad)
         self.init_weight_scales()
@@ -160,45 +158,40 @@ class SVDQLinear(QuantLinear):
     def float_weight(self) -> torch.Tensor:
         """The float weight this layer approximates, (R + L_up L_down) diag(1/s) (unquantized R in simulate mode)."""
         r = self._parameters["weight"].float() if not self.deployed else super().dequantized_weight().float()
-        return (r + self.lora_up.float() @ self.lora_down.float()) / self.smooth.float()
+        return (r + self.lowrank_up.float() @ self.lowrank_down.float()) / self.smooth.float()
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unquantized layer (used to collect calibration inputs with no quantization upstream)."""
         return F.linear(x, self.float_weight().to(x.dtype), self.bias)
 
-    # -- the branch, with LoRA adapters concatenated -------------------------------------------------
+    # -- forward ----------------------------------------------------------------------------------------
     def _invalidate(self) -> None:
-        self._branch_cache = None
         self._shift_cache = None
 
-    def branch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) of the whole low-rank branch: the SVD factors, then each active adapter's."""
-        if not self.adapters:
-            return self.lora_down, self.lora_up
-        if self._branch_cache is None:
-            downs, ups = [self.lora_down], [self.lora_up]
-            for down, up, strength in self.adapters.values():
-                if strength != 0:
-                    downs.append(down.to(device=self.lora_down.device, dtype=self.lora_down.dtype))
-                    ups.append((up.to(self.lora_up.device).float() * strength).to(self.lora_up.dtype))
-            self._branch_cache = (torch.cat(downs, 0).contiguous(), torch.cat(ups, 1).contiguous())
-        return self._branch_cache
+    def _shifted_bias(self, rq: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """b - c * rowsum(Q(R) + up @ down): cancels the shift seen by the quantized path and the branch.
 
-    def _shifted_bias(self, qweight_float: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """b - c * rowsum(Q(R) + up @ down): cancels the shift the quantized path and the branch see."""
-        if qweight_float is None and self._shift_cache is not None:
-            return self._shift_cache
-        rq = qweight_float if qweight_float is not None else super().dequantized_weight().float()
-        corr = rq.sum(1) + up.float() @ down.float().sum(1)
-        out = -self.act_shift * corr
+        rq is the fake-quantized residual in simulate mode; in deploy mode (rq None) the result is cached
+        per branch (a LoRA-extended branch gets its own).
+        """
+        c = self._shift_cache
+        # The cache holds the branch tensors themselves, so identity cannot be confused by a reused id.
+        if rq is None and c is not None and c[0] is down and c[1] is up:
+            return c[2]
+        rq = rq if rq is not None else super().dequantized_weight().float()
+        out = -self.act_shift * (rq.sum(1) + up.float() @ down.float().sum(1))
         if self.bias is not None:
             out = out + self.bias.float()
-        if qweight_float is None:
-            self._shift_cache = out
+        if not torch.is_grad_enabled() or not out.requires_grad:
+            self._shift_cache = (down, up, out)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.branch()
+        return self.forward_with_branch(x, self.lowrank_down, self.lowrank_up)
+
+    def forward_with_branch(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The layer with its low-rank branch replaced by (down [r', in], up [out, r']): how LoRA adapters
+        concatenated onto the SVD factors run in the same kernel call (dq.pipelines.lora)."""
         if not self.deployed:
             return self._simulate(x, down, up)
         bias = self.bias
@@ -242,7 +235,7 @@ class SVDQLinear(QuantLinear):
 
     def allocate_deployed(self, device: torch.device | str = "cpu") -> None:
         super().allocate_deployed(device)
-        for name in ("smooth", "lora_down", "lora_up"):
+        for name in ("smooth", "lowrank_down", "lowrank_up"):
             buf = self._buffers[name]
             self._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
         self._invalidate()
@@ -252,7 +245,7 @@ class SVDQLinear(QuantLinear):
         return self.float_weight().reshape(self.weight_shape).to(self.weight_dtype)
 
     def weight_nbytes(self) -> int:
-        branch = sum(t.numel() * t.element_size() for t in (self.smooth, self.lora_down, self.lora_up))
+        branch = sum(t.numel() * t.element_size() for t in (self.smooth, self.lowrank_down, self.lowrank_up))
         return super().weight_nbytes() + branch
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -261,8 +254,7 @@ class SVDQLinear(QuantLinear):
 
     def extra_repr(self) -> str:
         shift = f", act_shift={self.act_shift}" if self.act_shift else ""
-        adapters = f", adapters={list(self.adapters)}" if self.adapters else ""
-        return f"{super().extra_repr()}, rank={self.rank}{shift}{adapters}"
+        return f"{super().extra_repr()}, rank={self.rank}{shift}"
 
 
 QUANT_LAYER_TYPES[SVDQLinear.kind] = SVDQLinear

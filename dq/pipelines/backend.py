@@ -15,6 +15,7 @@ from dq.errors import DQError
 from dq.nn import quant_layers, swap_layers
 from dq.nn.swap import plan_of
 from dq.pipelines.config import DQConfig
+from dq.pipelines.lora import enable_lora
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,6 +37,7 @@ def attach_quantizer(model: torch.nn.Module, recipe: Any) -> None:
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = config.quant_method
+    enable_lora(model)  # LoRA loading validates and runs adapters inside SVDQ branches (dq.pipelines.lora)
 
 
 def _checkpoint_tensors(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -122,6 +124,10 @@ class DQQuantizer(DiffusersQuantizer):
     # -- quantizing at load time (data-free recipes) ----------------------------------------------
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         if self.pre_quantized:
+            from dq.calib.timestep import attach_timestep_hook
+
+            attach_timestep_hook(model)  # per-timestep activation scales select their group per call
+            enable_lora(model)
             return model
         from dq.pipelines.quantize import quantize_model
 
@@ -134,6 +140,7 @@ class DQQuantizer(DiffusersQuantizer):
         quantize_model(model, recipe, CalibContext())
         self.quantization_config.modules = layer_plans_of(model)
         self.pre_quantized = True
+        enable_lora(model)
         return model
 
     @property

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     unique, caption_ids = training.caption_index(captions)
     tokens = clip.clip_tokenizer(training.BUILD_DIR)(unique)
 
+    images, tokens, caption_ids = (x.to(args.device) for x in (images, tokens, caption_ids))
+
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = idx.to(args.device)
         ids = caption_ids[idx]
         img = F.normalize(model.encode_image(images[idx]), dim=-1)
         txt = F.normalize(model.encode_text(tokens[ids]), dim=-1)

@@ -38,19 +38,22 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = build_pipeline(args.vae, args.seed)
     captions, images = training.render_images(args.samples, args.seed)
-    latents = encode_images(pipe.vae, images)
+    latents = encode_images(pipe.vae.to(args.device), images)
+    pipe.vae.to("cpu")
     unique, caption_ids = training.caption_index(captions)
     with torch.no_grad():
         # T5 attention is masked, so embeddings at length 16 equal those at the pipeline's 300.
         text, mask, _, _ = pipe.encode_prompt(unique, False, device="cpu", max_sequence_length=T5_MAX_LENGTH)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     model = pipe.transformer
+    latents, text, mask, caption_ids = (x.to(args.device) for x in (latents, text, mask, caption_ids))
     no_extra = {"resolution": None, "aspect_ratio": None}
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = idx.to(args.device)
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = training.randn_like(x0, gen)
+        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(x0.device)
         ids = training.drop_captions(caption_ids[idx], gen)
         noisy = noise_sched.add_noise(x0, noise, t)
         pred = model(noisy, text[ids], encoder_attention_mask=mask[ids], timestep=t, added_cond_kwargs=no_extra).sample

@@ -37,7 +37,8 @@ def build_pipeline(vae_dir: Path, seed: int):
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (posterior mean) of [-1, 1] images, in batches."""
-    z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    device = vae.device
+    z = torch.cat([vae.encode(images[i : i + 256].to(device)).latent_dist.mean for i in range(0, len(images), 256)])
     return z * vae.config.scaling_factor
 
 
@@ -50,17 +51,20 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = build_pipeline(args.vae, args.seed)
     captions, images = training.render_images(args.samples, args.seed)
-    latents = encode_images(pipe.vae, images)
+    latents = encode_images(pipe.vae.to(args.device), images)
+    pipe.vae.to("cpu")
     unique, caption_ids = training.caption_index(captions)
     with torch.no_grad():
         text = pipe.encode_prompt(unique, "cpu", 1, False)[0]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
+    latents, text, caption_ids = (x.to(args.device) for x in (latents, text, caption_ids))
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = idx.to(args.device)
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = training.randn_like(x0, gen)
+        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(x0.device)
         cond = text[training.drop_captions(caption_ids[idx], gen)]
         pred = unet(noise_sched.add_noise(x0, noise, t), t, cond).sample
         return F.mse_loss(pred, noise)

@@ -20,7 +20,7 @@ def _latent_stats(vae, data: torch.Tensor, video: bool) -> tuple[torch.Tensor, t
     with torch.no_grad():
         z = torch.cat([vae.encode(data[i : i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
     dims = (0, 2, 3, 4) if video else (0, 2, 3)
-    return z.mean(dims), z.std(dims)
+    return z.mean(dims).cpu(), z.std(dims).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,19 +34,22 @@ def main(argv: list[str] | None = None) -> None:
     vae = components.video_vae(args.seed) if args.video else components.image_vae(args.seed)
     render = training.render_clips if args.video else training.render_images
     _, data = render(args.samples, args.seed)
+    data = data.to(args.device)
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = data[idx]
+        x = data[idx.to(args.device)]
         if args.video:  # a 5-frame window is as informative per step and half the cost of 9
             start = int(torch.randint(x.shape[2] - TRAIN_FRAMES + 1, (1,), generator=gen))
             x = x[:, :, start : start + TRAIN_FRAMES]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        z = posterior.mean + posterior.std * training.randn_like(posterior.mean, gen)
         recon = vae.decode(z).sample
         return torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean() + KL_WEIGHT * posterior.kl().mean()
 
     seconds = training.fit(vae, loss_fn, len(data), args)
-    mean, std = _latent_stats(vae, data[:1024], args.video)
+    vae.to(args.device)
+    data = data[:512]
+    mean, std = _latent_stats(vae, data, args.video)
     if args.video:
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     else:
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         x = data[:256]
         mse = torch.nn.functional.mse_loss(vae(x).sample, x).item()
     print(f"reconstruction mse {mse:.5f}")
+    vae.to("cpu")
     info = training.run_info(args, seconds, reconstruction_mse=mse)
     training.atomic_save(args.out, lambda d: vae.save_pretrained(d), info)
 

@@ -37,10 +37,10 @@ def build_pipeline(vae_dir: Path, seed: int):
 @torch.no_grad()
 def encode_clips(vae, clips: torch.Tensor) -> torch.Tensor:
     """Normalized Wan latents (posterior mean), the inverse of the pipeline's decode scaling."""
-    z = torch.cat([vae.encode(clips[i : i + 32]).latent_dist.mean for i in range(0, len(clips), 32)])
+    z = torch.cat([vae.encode(clips[i : i + 32].to(vae.device)).latent_dist.mean for i in range(0, len(clips), 32)])
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean, std = torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
-    return (z - mean) / std
+    return (z.cpu() - mean) / std
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,16 +51,19 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = build_pipeline(args.vae, args.seed)
     captions, clips = training.render_clips(args.samples, args.seed)
-    latents = encode_clips(pipe.vae, clips)
+    latents = encode_clips(pipe.vae.to(args.device), clips)
+    pipe.vae.to("cpu")
     unique, caption_ids = training.caption_index(captions)
     with torch.no_grad():
         text, _ = pipe.encode_prompt(unique, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH)
     model = pipe.transformer
+    latents, text, caption_ids = (x.to(args.device) for x in (latents, text, caption_ids))
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = idx.to(args.device)
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        u = torch.rand(len(idx), generator=gen)
+        noise = training.randn_like(x0, gen)
+        u = training.rand(len(idx), gen, x0.device)
         sigma = (FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)).view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
         cond = text[training.drop_captions(caption_ids[idx], gen)]

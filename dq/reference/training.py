@@ -31,6 +31,7 @@ def parser(description: str, out: Path, steps: int, batch_size: int, lr: float, 
     p.add_argument("--samples", type=int, default=samples, help="distinct training samples rendered")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and noise")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -71,7 +72,17 @@ def caption_index(captions: list[str]) -> tuple[list[str], torch.Tensor]:
 def drop_captions(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Replace ~10% of caption ids with 0 (the empty prompt) for classifier-free guidance."""
     keep = torch.rand(ids.shape, generator=generator) >= CFG_DROP
-    return ids * keep
+    return ids * keep.to(ids.device)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise drawn from the CPU ``generator`` (same stream on every device), placed on ``x``'s device."""
+    return torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def rand(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniform [0, 1) draws from the CPU ``generator``, placed on ``device``."""
+    return torch.rand(n, generator=generator).to(device)
 
 
 def fit(
@@ -85,6 +96,7 @@ def fit(
 
     Returns the wall time in seconds.
     """
+    model.to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     warmup = max(1, min(200, args.steps // 10))
@@ -107,7 +119,7 @@ def fit(
             n = (step % log_every) + 1
             print(f"step {step + 1}/{args.steps} loss {running / n:.4f} {time.time() - start:.0f}s", flush=True)
             running = 0.0
-    model.eval()
+    model.eval().to("cpu")
     return time.time() - start
 
 
@@ -131,5 +143,5 @@ def atomic_save(out: Path, write: Callable[[Path], None], info: dict) -> None:
 
 def run_info(args: argparse.Namespace, seconds: float, **extra) -> dict:
     """Training record written next to the weights."""
-    keys = ("steps", "batch_size", "lr", "samples", "seed", "threads")
+    keys = ("steps", "batch_size", "lr", "samples", "seed", "threads", "device")
     return {**{k: getattr(args, k) for k in keys}, "train_seconds": round(seconds, 1), **extra}

@@ -25,6 +25,10 @@ PROMPTS = [
 def offline_torch_home(tmp_path, monkeypatch):
     """No test sees (or fills) a real weights cache; one CPU thread keeps runs fast and bit-reproducible."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    from dq import reference
+
+    if not hasattr(reference, "names"):  # TEMPORARY until dq.reference's API lands
+        monkeypatch.setattr(reference, "names", lambda: [], raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -84,3 +88,33 @@ def prompt_file(tmp_path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("# evaluation prompts\n" + "\n".join(PROMPTS) + "\n\n")
     return path
+
+
+def _tiny_wan(path: Path) -> Path:
+    """A tiny WanPipeline (text-to-video) with a real (random) UMT5 encoder and tokenizer, saved to `path`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from dq.reference.components import TEXT_DIM, t5_text_encoder
+    from dq.reference.tokenization import t5_tokenizer
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=2, scale_factor_temporal=1,
+    )
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=t5_text_encoder(0, umt5=True), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    """Directory of a tiny Wan pipeline that makes short 16x16 clips from text prompts."""
+    return _tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")

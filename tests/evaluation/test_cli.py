@@ -1,0 +1,94 @@
+"""`dq eval` / `dq demo` / `dq bench` from the command line: bad input fails before generation, with the flag to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dq.cli import main
+from dq.commands import bench, demo
+from dq.evaluation import generation
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test if any variant pipeline is built (i.e. generation starts)."""
+
+    def refuse(self, variant):
+        raise AssertionError(f"generation started for {variant.name}")
+
+    monkeypatch.setattr(generation.VariantBuilder, "build", refuse)
+
+
+def _eval(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["eval", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--prompts": "EMPTY"}, "has no prompts"),
+        ({"--prompts": "missing.txt"}, "missing.txt: cannot read"),
+        ({"--variants": "fp,w3a3"}, "w3a3"),
+        ({"--variants": "fp,w8a8+nocache"}, "nocache"),
+        ({"--metrics": "psnr,sharpness"}, "unknown metric(s) sharpness"),
+        ({"--model": "no/such/dir"}, "no/such/dir"),
+        ({"--metrics": "fid"}, "--fid-weights PATH"),
+        ({"--metrics": "lpips"}, "--lpips-weights PATH"),
+        ({"--metrics": "clip"}, "--clip-model"),
+        ({"--fid-weights": "nowhere.pth", "--metrics": None}, "--fid-weights nowhere.pth: no such file"),
+    ],
+)
+def test_bad_input_fails_before_generation(tiny_sd, prompt_file, tmp_path, capsys, no_generation, change, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    args = {"--model": str(tiny_sd), "--variants": "fp,w8a8", "--prompts": str(prompt_file), "--n": "2",
+            "--steps": "2", "--out": str(tmp_path / "run"), "--metrics": "psnr"}
+    args.update({k: (str(empty) if v == "EMPTY" else str(tmp_path / v) if v == "missing.txt" else v) for k, v in change.items()})
+    args = {k: v for k, v in args.items() if v is not None}  # None: leave the flag out (default metrics)
+    code, err = _eval(capsys, *[x for kv in args.items() for x in kv])
+    assert code == 2 and err.startswith("dq: error:")
+    assert message in err
+    assert not (tmp_path / "run" / "images").exists()
+
+
+def test_eval_cli_prints_table_and_demo_variants(tiny_sd, prompt_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["eval", "--model", str(tiny_sd), "--variants", "w8a8", "--prompts", str(prompt_file), "--n", "2",
+                 "--steps", "2", "--metrics", "psnr,ssim", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "| `w8a8` |" in printed and "| `fp` |" in printed
+    assert json.loads((out / "config.json").read_text())["generation"]["steps"] == 2
+
+
+def test_demo_picks_one_recipe_per_precision_preferring_calibrated():
+    from dq.recipes import bundled_recipe_names, load_recipe
+
+    chosen = demo.demo_variants()
+    assert chosen[0] == "fp" and len(chosen) == len(set(chosen))
+    for name in chosen[1:]:
+        precision = next(p for p in demo.PRECISIONS if p in name)
+        same = [r for r in bundled_recipe_names() if precision in r.split("-")]
+        if any(load_recipe(r).method != "rtn" for r in same):
+            assert load_recipe(name).method != "rtn", f"{name} is round-to-nearest but a calibrated {precision} exists"
+
+
+def test_demo_runs_the_loop_on_a_given_model(tiny_sd, tmp_path, capsys):
+    code = main(["demo", "--model", str(tiny_sd), "--variants", "fp,w8a8", "--n", "2", "--steps", "2",
+                 "--metrics", "psnr", "--out", str(tmp_path / "demo")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "dq demo:" in printed and "| `w8a8` |" in printed
+    assert (tmp_path / "demo" / "grid.png").is_file()
+
+
+def test_bench_runs_the_repository_script_or_explains_why_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "kernels"]) == 2
+    assert "benchmarks ship with the source repository" in capsys.readouterr().err
+
+    (tmp_path / "pipeline.py").write_text("def main(argv):\n    print('bench argv', argv)\n    return 0\n")
+    assert main(["bench", "pipeline", "ref-sd", "--recipes", "w8a8"]) == 0
+    assert "bench argv ['ref-sd', '--recipes', 'w8a8']" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+"""The bundled pipelines load with stock diffusers classes, run, and are seed-deterministic."""
+
+import pytest
+import torch
+
+from dq import reference
+from dq.errors import DQError
+
+
+def _classes():
+    import diffusers
+
+    return {
+        "ref-sd": diffusers.StableDiffusionPipeline,
+        "ref-pixart": diffusers.PixArtSigmaPipeline,
+        "ref-video": diffusers.WanPipeline,
+    }
+
+
+@pytest.mark.parametrize("name", ["ref-sd", "ref-pixart", "ref-video"])
+def test_loads_with_stock_class_and_is_deterministic(name):
+    pipe = _classes()[name].from_pretrained(reference.path(name), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = reference.prompts("heldout", 1, video=reference.is_video(name))[0]
+    kwargs = dict(num_inference_steps=2, output_type="np", **reference.generation_kwargs(name))
+
+    def run():
+        out = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+        return torch.from_numpy(out.frames if reference.is_video(name) else out.images)
+
+    a, b = run(), run()
+    assert torch.equal(a, b)
+    expected = (1, 9, 32, 32, 3) if reference.is_video(name) else (1, 32, 32, 3)
+    assert tuple(a.shape) == expected
+
+
+def test_load_helper_and_unknown_name():
+    pipe = reference.load("ref-sd")
+    assert pipe.unet.dtype == torch.float32 and pipe.safety_checker is None
+    assert len(pipe.unet.down_blocks) >= 3 and pipe.unet.config.layers_per_block == 2
+    with pytest.raises(DQError, match="ref-sd"):
+        reference.load("nope")
+
+
+def test_domain_clip_loads_through_open_clip():
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        reference.register_config(), pretrained=str(reference.clip_checkpoint())
+    )
+    _, _, tokenizer = reference.domain_clip()
+    captions = reference.prompts("heldout", 4)
+    images = torch.stack([preprocess(im) for im in reference.real_samples(captions)])
+    with torch.no_grad():
+        sims = model.encode_image(images) @ model.encode_text(tokenizer(captions)).T
+    assert sims.shape == (4, 4)
