@@ -64,7 +64,8 @@ def _save_tiny_wan(path: Path) -> str:
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
         text_dim=components.TEXT_DIM, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
     )
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False])
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     pipe = WanPipeline(
         tokenizer=t5_tokenizer(), text_encoder=components.t5_text_encoder(umt5=True), transformer=transformer,
         vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -162,9 +163,10 @@ def test_media_enlarges_small_images_and_writes_animated_side_by_side_gifs(tmp_p
     big = display_image(image)
     assert big.size == (128, 256)
     assert np.array_equal(np.asarray(big)[::8, ::8], image)  # nearest neighbour: every pixel kept exactly
-    clips = [np.zeros((3, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 200, np.uint8)]
-    joined = side_by_side(clips, gap=2)
-    assert joined.shape == (3, 8, 18, 3) and (joined[:, :, 10:] == 200).all()
+    fp = np.zeros((3, 8, 8, 3), np.uint8) + np.array([0, 60, 120], np.uint8)[:, None, None, None]  # 3 distinct frames
+    joined = side_by_side([fp, fp + 100], gap=2)
+    assert joined.shape == (3, 8, 18, 3) and np.array_equal(joined[:, :, 10:], fp + 100)
+    assert (joined[:, :, 8:10] == 255).all()
     path = MediaDir(str(tmp_path)).gif(joined, "fp-vs-w8a8")
     with Image.open(path) as gif:
         assert gif.n_frames == 3 and gif.is_animated

@@ -93,7 +93,7 @@ class CacheConfig:
 
 
 class CacheMethod(NamedTuple):
-    """A registered cache method: its config class and `apply(denoiser, config, pipe) -> CacheHandle`."""
+    """A registered cache method: its config class and `apply(denoiser, config, handle) -> None`."""
 
     config_cls: type[CacheConfig]
     apply: Callable[[nn.Module, CacheConfig, Any], Any]
@@ -103,7 +103,7 @@ CACHE_METHODS: Registry[CacheMethod] = Registry("cache method")
 
 
 def register_cache_method(config_cls: type[CacheConfig]) -> Callable:
-    """Decorator for `apply_<method>(denoiser, config, pipe=None)`: registers it under `config_cls.method`."""
+    """Decorator for `apply_<method>(denoiser, config, handle)`: registers it under `config_cls.method`."""
 
     def decorator(fn: Callable) -> Callable:
         CACHE_METHODS.add(config_cls.method, CacheMethod(config_cls, fn))

@@ -154,11 +154,7 @@ def read_prompts(source: str, n: Optional[int], video: bool = False) -> list[str
 
 def reference_prompts(reference: Any, n: int, video: bool) -> list[str]:
     """Held-out prompts of the reference domain (the video vocabulary for the video pipeline)."""
-    from dq.reference import data
-
-    if video:
-        return data.prompts("heldout", n, video=True)
-    return list(reference.prompts("heldout", n)) if hasattr(reference, "prompts") else data.prompts("heldout", n)
+    return list(reference.prompts("heldout", n, video=video))
 
 
 def check_model(model: str) -> str:

@@ -55,19 +55,23 @@ def is_video_pipeline(pipe: Any) -> bool:
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def call_arguments(pipe: Any, steps: int, guidance: Optional[float], height: Optional[int], width: Optional[int],
-                   num_frames: Optional[int]) -> dict[str, Any]:
-    """The keyword arguments every generation call shares (prompts and generators are added per batch)."""
+def call_arguments(pipe: Any, steps: int, guidance: Optional[float], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments every generation call shares (prompts and generators are added per batch).
+
+    Args:
+        pipe: The pipeline.
+        steps: Denoising steps.
+        guidance: Guidance scale, or None for the pipeline's default.
+        overrides: Further call arguments (output size, frames), e.g. a reference pipeline's defaults.
+    """
     params = inspect.signature(pipe.__call__).parameters
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "output_type": "np"}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
-        if value is not None:
-            kwargs[name] = value
     # Resolution binning would silently change the requested size (and rejects small models' sample sizes).
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False
+    kwargs.update(overrides)
     return kwargs
 
 

@@ -80,7 +80,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     batches = list(enumerate(make_batches(items, cfg.batch_size)))
     with state.split_between_processes(batches) as shard:
         my_batches = list(shard)
-    call_defaults = _reference_call_defaults(model_id) if reference_domain else {}
+    overrides = {**(_reference().generation_kwargs(model_id) if reference_domain else {}), **{
+        k: v for k, v in (("height", cfg.height), ("width", cfg.width), ("num_frames", cfg.num_frames)) if v is not None
+    }}
 
     def load() -> Any:
         from dq.pipelines.loading import load_pipeline
@@ -88,11 +90,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return load_pipeline(model_id, device=device, dtype=_DTYPES[dtype_name])
 
     def call_kwargs_for(pipe: Any) -> dict[str, Any]:
-        return call_arguments(
-            pipe, cfg.steps, cfg.guidance,
-            cfg.height or call_defaults.get("height"), cfg.width or call_defaults.get("width"),
-            cfg.num_frames or call_defaults.get("num_frames"),
-        )
+        return call_arguments(pipe, cfg.steps, cfg.guidance, overrides)
 
     builder = VariantBuilder(load)
     for variant in variants:
@@ -125,8 +123,7 @@ def _is_video_model(model_id: str) -> bool:
 
     reference = _reference()
     if model_id in reference_names(reference):
-        is_video = getattr(reference, "is_video", None)
-        return bool(is_video(model_id)) if callable(is_video) else model_id.endswith("video")
+        return bool(reference.is_video(model_id))
     index = Path(model_id) / "model_index.json"
     if not index.is_file():
         try:
@@ -138,20 +135,6 @@ def _is_video_model(model_id: str) -> bool:
         class_name = json.loads(index.read_text()).get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     return cls is not None and "num_frames" in inspect.signature(cls.__call__).parameters
-
-
-def _reference_call_defaults(model_id: str) -> dict[str, Any]:
-    """Output size the reference pipeline was trained for (32x32; 9 frames for video)."""
-    reference = _reference()
-    defaults = getattr(reference, "call_defaults", None)
-    if callable(defaults):
-        return dict(defaults(model_id))
-    from dq.reference import data
-
-    out: dict[str, Any] = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
-    if _is_video_model(model_id):
-        out["num_frames"] = data.NUM_FRAMES
-    return out
 
 
 def _ensure_variant_info(run: RunDir, variants: list[Variant], builder: VariantBuilder) -> None:

@@ -111,8 +111,12 @@ def build_metrics(scoring: ScoringConfig, reference_domain: bool, device: torch.
         result.settings[name] = metric.settings()
     if result.real_fid is not None:
         result.real_fid = result.real_fid.to(device)
-    if clip is not None and "clip" in result.settings:
-        result.settings["clip"]["model"] = clip.label
+    if clip is not None:
+        # The metrics only see a model object; record which CLIP it was.
+        if "clip" in result.settings:
+            result.settings["clip"].update(backbone=clip.label, weights=clip.weights)
+        if "fid" in result.settings and (scoring.fid_backbone or ("clip" if reference_domain else "inception")) == "clip":
+            result.settings["fid"].update(backbone=clip.label, weights=clip.weights)
     return result
 
 
@@ -186,9 +190,9 @@ def _lpips(scoring: ScoringConfig) -> Any:
 
 def real_images(prompts: list[str], seed: int) -> Optional[list[np.ndarray]]:
     """One real image (``(1, H, W, 3)``) or clip (``(F, H, W, 3)``) per prompt of the reference domain."""
-    from dq.reference import data
+    from dq import reference
 
-    samples = data.real_samples(prompts, seed=seed)
+    samples = reference.real_samples(prompts, seed=seed)
     return [np.stack([np.asarray(f.convert("RGB")) for f in (s if isinstance(s, list) else [s])]) for s in samples]
 
 

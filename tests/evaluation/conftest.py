@@ -25,10 +25,6 @@ PROMPTS = [
 def offline_torch_home(tmp_path, monkeypatch):
     """No test sees (or fills) a real weights cache; one CPU thread keeps runs fast and bit-reproducible."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    from dq import reference
-
-    if not hasattr(reference, "names"):  # TEMPORARY until dq.reference's API lands
-        monkeypatch.setattr(reference, "names", lambda: [], raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

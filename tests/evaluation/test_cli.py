@@ -55,7 +55,7 @@ def test_bad_input_fails_before_generation(tiny_sd, prompt_file, tmp_path, capsy
     assert not (tmp_path / "run" / "images").exists()
 
 
-def test_eval_cli_prints_table_and_demo_variants(tiny_sd, prompt_file, tmp_path, capsys):
+def test_eval_cli_prints_the_report_table(tiny_sd, prompt_file, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["eval", "--model", str(tiny_sd), "--variants", "w8a8", "--prompts", str(prompt_file), "--n", "2",
                  "--steps", "2", "--metrics", "psnr,ssim", "--out", str(out)])
