@@ -14,11 +14,11 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from dq.app import AppConfig, Comparer, GenerateHandler, GenerationRequest, PipelineCache, build_demo, launch
 from dq.app.generate import Comparison, VariantResult, call_arguments, results_table, score
-from dq.app.media import MediaDir, display_image, side_by_side
+from dq.app.media import GIF_FRAME_MS, MediaDir, display_image, side_by_side
 from dq.app.variants import FP, VariantSpec, cache_choices, compose_variants, parse_variants
 from dq.errors import DQError
 
@@ -187,8 +187,9 @@ def test_compare_builds_each_recipe_once_and_scores_against_fp(sd_model, compare
     first = comparer.compare(request)
     assert [r.spec.name for r in first.results] == ["fp", "w8a8", "w4a16"]
     built = comparer.cache.get(sd_model, "w8a8")
-    assert comparer.cache.get(sd_model).pipe.text_encoder is built.pipe.text_encoder  # shared, not copied
-    assert comparer.cache.get(sd_model).pipe.unet is not built.pipe.unet
+    fp_pipe = comparer.cache.get(sd_model).pipe
+    assert fp_pipe.text_encoder is built.pipe.text_encoder and fp_pipe.vae is built.pipe.vae  # shared, not copied
+    assert fp_pipe.unet is not built.pipe.unet and not getattr(fp_pipe.unet, "is_quantized", False)
     second = comparer.compare(request)
     assert comparer.cache.get(sd_model, "w8a8") is built  # reused, not re-quantized
     assert all(r.build_seconds == 0.0 for r in second.results)
@@ -221,8 +222,9 @@ def test_video_pipelines_show_gifs_per_variant_and_clips_side_by_side(tmp_path):
                               MediaDir(str(tmp_path)))
     slider, clip, gallery, table, _ = handler(
         model, "a red circle moving right", "", 0, STEPS, None, 16, 16, 5, ["w8a8"], [], "", "")
-    with Image.open(clip) as gif:
-        assert gif.n_frames == 5 and gif.width > 2 * gif.height  # FP | variant
+    with Image.open(clip) as gif:  # FP | variant; Pillow merges identical consecutive frames, durations add up
+        assert gif.width > 2 * gif.height
+        assert sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif)) == 5 * GIF_FRAME_MS
     assert all(Path(item).suffix == ".gif" for item, _ in gallery) and len(gallery) == 2
     assert float(dict(zip(table["headers"], table["data"][1]))["PSNR vs FP (dB)"]) > 10
 

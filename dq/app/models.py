@@ -163,15 +163,26 @@ class PipelineCache:
         from dq.metrics import denoiser_weight_bytes
 
         start = time.perf_counter()
-        fp = base.pipe
-        name = denoiser_attribute(fp)
-        denoiser = copy.deepcopy(getattr(fp, name))
-        pipe = type(fp).from_pipe(fp, **{name: denoiser, "scheduler": copy.deepcopy(fp.scheduler)})
+        pipe = _with_own_denoiser(base.pipe)
         logger.info("dq app: quantizing %s with %s", model, recipe)
         report = dq.quantize(pipe, recipe, calib=self.calib)
         return BuiltVariant(
             pipe, recipe, denoiser_weight_bytes(getattr(pipe, name)), time.perf_counter() - start, len(report.quantized)
         )
+
+
+def _with_own_denoiser(fp: Any) -> Any:
+    """A shallow copy of ``fp`` with a deep copy of its denoiser and scheduler; other components are shared.
+
+    Not ``DiffusionPipeline.from_pipe``: it ends with ``.to(dtype)`` (float32 by default), which would recast
+    the shared components and undo modules kept in float32 by ``from_pretrained``.
+    """
+    name = denoiser_attribute(fp)
+    pipe = copy.copy(fp)  # a new __dict__; assigning components below updates only the copy's config
+    setattr(pipe, name, copy.deepcopy(getattr(fp, name)))
+    if getattr(fp, "scheduler", None) is not None:
+        pipe.scheduler = copy.deepcopy(fp.scheduler)  # schedulers keep per-call state (timesteps, step index)
+    return pipe
 
 
 def _release_memory(device: torch.device) -> None:
