@@ -108,7 +108,7 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     w4 = [_make_int4(N, K, dev) for _ in range(n4)]
     run("w4a4_lr", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, smooth, ld, lu, GROUP, 4) for q, s in w4])
     run("w4a4", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, None, None, None, GROUP, 4) for q, s in w4])
-    if "w4a4_gemm" in methods or "w4a4_unfused" in methods:
+    if {"w4a4_gemm", "w4a4_unfused", "act_quant_lr"} & methods:
         qa, sa, _ = quantize_activations(x, FMT_INT4, GROUP)
         run("w4a4_gemm", [lambda q=q, s=s: w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP) for q, s in w4])
         run("act_quant_lr", [lambda: quantize_activations(x, FMT_INT4, GROUP, smooth, ld)])
@@ -194,7 +194,10 @@ def to_markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_correctness() -> list[str]:
+CHECK_SHAPES = [(1, 96, 128), (5, 200, 192), (16, 520, 1024), (37, 200, 192), (300, 520, 1024), (4100, 3072, 3072)]
+
+
+def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES) -> list[str]:
     """GPU kernels vs the torch reference on odd shapes; returns failure messages (empty = all good)."""
     from dq.kernels.reference import quantized_linear_reference
     from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, quantize, weight_scales
@@ -203,7 +206,7 @@ def check_correctness() -> list[str]:
     torch.manual_seed(0)
     dev, bf = torch.device("cuda"), torch.bfloat16
     fails = []
-    for (M, N, K) in [(1, 96, 128), (37, 200, 192), (300, 520, 1024), (4100, 3072, 3072)]:
+    for (M, N, K) in shapes:
         for rank in (0, 32):
             x = torch.randn(M, K, device=dev, dtype=bf)
             b = torch.randn(N, device=dev, dtype=bf)
@@ -239,12 +242,49 @@ def check_correctness() -> list[str]:
     return fails
 
 
+def check_codes() -> list[str]:
+    """Activation codes of the GPU quantizer vs the torch reference's (fake_quantize) on the same GPU.
+
+    Compares codes, not outputs: a single flipped 4-bit code moves an output by a full step. Also
+    reports how many codes differ when the scale is rounded as an exact division instead of torch's
+    CUDA rule (amax * fl(1/qmax)); that count is the mismatch the kernel had before it followed the rule.
+    """
+    from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations
+    from dq.quant import PerToken, QuantSpec, fake_quantize
+
+    torch.manual_seed(1)
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    fails = []
+    for M, K in [(37, 192), (300, 1024), (4100, 3072)]:
+        x = torch.randn(M, K, device=dev, dtype=bf)
+        sm = (torch.rand(K, device=dev) + 0.5).to(bf)
+        xs = (x / sm).float()
+        ref4 = fake_quantize(xs, QuantSpec("int4", PerToken(64)))
+        ref8 = fake_quantize(xs, QuantSpec("int8", PerToken()))
+        line = [f"codes M={M} K={K}:"]
+        for rcp in (None, False):
+            q, s, _ = quantize_activations(x, FMT_INT4, 64, sm, rcp_scale=rcp)
+            codes = torch.stack([(q << 4).view(torch.int8) >> 4, q.view(torch.int8) >> 4], -1).reshape(M, K)
+            deq = codes.float() * s.t().repeat_interleave(64, 1)
+            n4 = int((deq != ref4).sum())
+            q8, s8, _ = quantize_activations(x, FMT_INT8, None, sm, rcp_scale=rcp)
+            n8 = int((q8.float() * s8.reshape(-1, 1) != ref8).sum())
+            tag = "torch-rule" if rcp is None else "exact-div"
+            line.append(f"{tag}: int4 {n4}/{M * K} int8 {n8}/{M * K}")
+            if rcp is None and (n4 or n8):
+                fails.append(f"activation codes differ from the reference at M={M} K={K}: int4 {n4}, int8 {n8}")
+        print(" ".join(line), flush=True)
+    return fails
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark dq's quantized linear kernels against torch baselines.")
     p.add_argument("--models", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
     p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="token counts M (comma-separated)")
     p.add_argument("--methods", default=",".join(METHODS), help="methods to time")
     p.add_argument("--quick", action="store_true", help="FLUX shapes at M=16 and 4096 only")
+    p.add_argument("--layers", default="", help="comma-separated layer names to keep (default: all)")
+    p.add_argument("--check-shapes", default="", help="correctness-check shapes 'M,N,K;M,N,K' (default: CHECK_SHAPES)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_h200"),
                    help="output path without extension (.json and .md are written)")
@@ -254,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = env_info()
     print(json.dumps(info), flush=True)
-    fails = [] if args.no_check else check_correctness()
+    shapes = [tuple(int(v) for v in t.split(",")) for t in args.check_shapes.split(";")] if args.check_shapes else CHECK_SHAPES
+    fails = [] if args.no_check else check_codes() + check_correctness(shapes)
     models = ["flux"] if args.quick else args.models.split(",")
     ms_list = [16, 4096] if args.quick else [int(m) for m in args.m.split(",")]
     methods = set(args.methods.split(","))
@@ -262,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for model in models:
         for layer, N, K in SHAPES[model]:
+            if args.layers and layer not in args.layers.split(","):
+                continue
             for M in ms_list:
                 r = {"model": model, "layer": layer, "M": M, "N": N, "K": K, "ms": bench_shape(M, N, K, methods)}
                 rows.append(r)

@@ -64,8 +64,9 @@ def _save_tiny_wan(path: Path) -> str:
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
         text_dim=components.TEXT_DIM, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
     )
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2,
+                           scale_factor_spatial=2)
     pipe = WanPipeline(
         tokenizer=t5_tokenizer(), text_encoder=components.t5_text_encoder(umt5=True), transformer=transformer,
         vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 DISPLAY_SIZE = 256  # images whose longer side is shorter are enlarged to at least this
-GIF_FRAME_MS = 125
+GIF_FRAME_MS = 120  # GIF stores centiseconds
 GAP = 4  # pixels between clips placed side by side
 
 

@@ -145,6 +145,7 @@ class PipelineCache:
         if model in self._models:
             self._models.move_to_end(model)
             return self._models[model]
+        _check_model_name(model)  # a typo must not unload the models that are working
         while len(self._models) >= self.max_models:
             dropped, _ = self._models.popitem(last=False)
             logger.info("dq app: unloading %s to make room for %s", dropped, model)
@@ -161,13 +162,35 @@ class PipelineCache:
         """A copy of the FP pipeline sharing every component but the denoiser (and scheduler), quantized."""
         import dq
         from dq.metrics import denoiser_weight_bytes
+        from dq.pipelines.walker import find_denoiser
 
         start = time.perf_counter()
         pipe = _with_own_denoiser(base.pipe)
         logger.info("dq app: quantizing %s with %s", model, recipe)
         report = dq.quantize(pipe, recipe, calib=self.calib)
         return BuiltVariant(
-            pipe, recipe, denoiser_weight_bytes(getattr(pipe, name)), time.perf_counter() - start, len(report.quantized)
+            pipe, recipe, denoiser_weight_bytes(find_denoiser(pipe)), time.perf_counter() - start, len(report.quantized)
+        )
+
+
+def _check_model_name(model: str) -> None:
+    """Raise a DQError for a model that cannot be loaded whatever the hub says: a missing local path, a bad id."""
+    from pathlib import Path
+
+    from dq.app.generate import reference_names
+
+    references = reference_names()
+    if model in references:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise DQError(f"{model!r} is not a diffusers pipeline directory: it has no model_index.json.")
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise DQError(
+            f"model {model!r} is neither an existing local directory, a hub id (org/name), nor a reference "
+            f"pipeline ({', '.join(references) or 'none installed'})."
         )
 
 

@@ -80,11 +80,18 @@ def default_prompts(n: int = 4) -> list[str]:
 
 
 def _optional_int(value: Any) -> Optional[int]:
-    return None if value in (None, "") else int(value)
+    """An empty or zero size means "the model's default" (the browser sends 0 for an empty number box)."""
+    return None if value in (None, "", 0) else int(value)
 
 
 def _optional_float(value: Any) -> Optional[float]:
-    return None if value in (None, "") else float(value)
+    """An empty guidance box means "the pipeline's default"; anything else must be a number."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DQError(f"guidance {value!r} is not a number; type e.g. 4.5, or leave it empty for the default.") from None
 
 
 class GenerateHandler:
@@ -214,7 +221,7 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
         """Generate with gr.Progress(track_tqdm=True): calibration, packing and sampling bars show in the UI."""
 
         def generate(model: str, prompt: str, negative_prompt: str, seed: float, steps: float,
-                     guidance: Optional[float], height: Optional[float], width: Optional[float],
+                     guidance: str, height: Optional[float], width: Optional[float],
                      num_frames: Optional[float], recipes: list[str], caches: list[str], extra: str,
                      compare: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
             """Generate the prompt with FP and every selected variant; return slider, clip, gallery, table, status."""
@@ -253,19 +260,19 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
                         seed = gr.Number(value=0, precision=0, label="Seed")
                         steps = gr.Slider(1, 100, value=config.steps, step=1, label="Steps")
                     with gr.Row():
-                        guidance = gr.Number(value=None, label="Guidance", info="empty = pipeline default")
-                        height = gr.Number(value=None, precision=0, label="Height", info="empty = model default")
-                        width = gr.Number(value=None, precision=0, label="Width", info="empty = model default")
-                        frames = gr.Number(value=None, precision=0, label="Frames", info="video; empty = default")
+                        guidance = gr.Textbox(value="", label="Guidance", placeholder="pipeline default")
+                        height = gr.Number(value=None, precision=0, minimum=0, label="Height", info="0 = model default")
+                        width = gr.Number(value=None, precision=0, minimum=0, label="Width", info="0 = model default")
+                        frames = gr.Number(value=None, precision=0, minimum=0, label="Frames", info="video; 0 = default")
                 with gr.Accordion("More variants", open=False):
                     extra = gr.Textbox(
                         value="", label="Variants", placeholder="w4a8+deepcache:interval=5, my-recipe.yaml",
                         info="comma-separated, as in `dq eval --variants`",
                     )
-                run = gr.Button("Generate", variant="primary")
+                run = gr.Button("Generate", variant="primary", elem_id="dq-generate")
                 gr.Examples([[p] for p in prompts], inputs=[prompt], label="Prompts")
             with gr.Column(scale=3):
-                slider = gr.ImageSlider(label="FP vs quantized", type="pil", format="png", buttons=["download", "fullscreen"])
+                slider = gr.ImageSlider(label="FP vs quantized", type="pil", format="png", elem_id="dq-slider", buttons=["download", "fullscreen"])
                 clip = gr.Image(label="Clips side by side: FP | variant", type="filepath", visible=False,
                                 buttons=["download", "fullscreen"])
                 gallery = gr.Gallery(label="Every variant", columns=4, format="png", object_fit="contain", height="auto",

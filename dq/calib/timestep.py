@@ -169,7 +169,7 @@ def calibrate_activations(
     for q in quantizers.values():
         q.set_groups(n_groups, device=device)
         if ranges is not None:
-            q.timestep_ranges = ranges.to(device)
+            q.timestep_ranges = ranges.to(device).clone()  # one tensor per quantizer: safetensors refuses shared storage
     names = {id(q): n for n, q in quantizers.items()}
     obs_cls = OBSERVERS.get(observer)
     current = {"step": -1}

@@ -9,36 +9,31 @@ from pathlib import Path
 
 from dq.commands.eval import add_scoring_arguments, print_summary, scoring_config
 
-# One demo variant per precision, in this order; within a precision a calibrating method beats round-to-nearest,
-# and among calibrating methods the first listed here wins.
-PRECISIONS = ("w8a8", "w4a8", "w4a4")
-METHOD_PREFERENCE = ("svdquant", "smoothquant", "tfmq", "qdiffusion", "gptq")
+# One demo variant per precision: the first registered recipe of each list wins. Best-quality methods first
+# (dynamic per-token INT8 beats static per-tensor at W8A8; SVDQuant's low-rank branch leads at 4 bits).
+PREFERENCES = {
+    "w8a8": ("w8a8", "w8a8-ptq4dm"),
+    "w4a8": ("svdquant-w4a8", "w4a8-tfmq", "w4a8-qdiffusion", "w4a8-timestep", "w4a8"),
+    "w4a4": ("svdquant-w4a4", "svdquant-w4a4-gptq", "smoothquant-w4a4", "w4a4"),
+}
 
 
 def demo_variants() -> list[str]:
-    """The strongest bundled recipe of each precision (calibrated when one is registered), FP first.
+    """FP plus, per precision (W8A8, W4A8, W4A4), the most accurate recipe registered in this build.
 
     Example:
         >>> demo_variants()
-        ['fp', 'w8a8', 'w4a8', 'svdquant-w4a4']
+        ['fp', 'w8a8', 'svdquant-w4a8', 'svdquant-w4a4']
     """
-    from dq.recipes import bundled_recipe_names, load_recipe
+    from dq.recipes import bundled_recipe_names
 
-    recipes = {name: load_recipe(name) for name in bundled_recipe_names()}
+    registered = set(bundled_recipe_names())
     chosen = ["fp"]
-    for precision in PRECISIONS:
-        candidates = [name for name in recipes if precision in name.replace("_", "-").split("-")]
-        if not candidates:
-            continue
-        chosen.append(min(candidates, key=lambda name: _rank(name, recipes[name].method)))
+    for candidates in PREFERENCES.values():
+        found = next((name for name in candidates if name in registered), None)
+        if found is not None:
+            chosen.append(found)
     return chosen
-
-
-def _rank(name: str, method: str) -> tuple[int, int, str]:
-    """Calibrated before round-to-nearest; then METHOD_PREFERENCE order; then the shorter (plainer) name."""
-    calibrated = 0 if method != "rtn" else 1
-    order = next((i for i, m in enumerate(METHOD_PREFERENCE) if m in name or m in method), len(METHOD_PREFERENCE))
-    return calibrated, order, f"{len(name):03d}{name}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,13 +53,14 @@ def scoring_config(args: argparse.Namespace):
 
 def print_summary(results: dict, out: Path, seconds: float) -> None:
     """Print the report table and where the artifacts are (main process only)."""
-    from accelerate import PartialState
-
     from dq.eval import results_table
+    from dq.evaluation.runner import process_state
 
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     print(results_table(results))
+    for name, reason in results["skipped_metrics"].items():
+        print(f"skipped {name}: {reason}")
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'grid.png'}, {out / 'quality_vs_speed.png'} ({seconds:.1f} s)")
 
 

@@ -1,8 +1,8 @@
 """Turn scored variants into RUN/results.json, RUN/report.md, RUN/grid.png and RUN/quality_vs_speed.png.
 
 Every ratio is a variant's figure over the FP variant's figure from the same run. Measured speed and memory
-sit under each variant's ``"perf"`` key: they are the only fields that differ between two runs of the same
-configuration (or between one process and N).
+sit under ``"perf"`` keys (per variant, and the run's device and process count at the top): they are the only
+fields that differ between two runs of the same configuration (or between one process and N).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             _fmt(perf.get("memory_ratio"), ".2f", "x"),
             _fmt(None if weight is None else weight / 2**20, ".2f"),
             _fmt(entry.get("weight_bytes_ratio"), ".3f", "x"),
-            _fmt(_value(metrics, "fid"), ".2f"),
-            _fmt(_value(metrics, "fid_real"), ".2f") + (_signed(delta.get("fid_real")) if name != results["fp"] else ""),
+            _fmt(_value(metrics, "fid"), ".3g"),
+            _fmt(_value(metrics, "fid_real"), ".3g") + (_signed(delta.get("fid_real"), "+.3g") if name != results["fp"] else ""),
             _fmt(_value(metrics, "clip"), ".2f") + (_signed(delta.get("clip")) if name != results["fp"] else ""),
             _fmt(_value(metrics, "psnr"), ".2f"),
             _fmt(_value(metrics, "ssim"), ".4f"),
@@ -96,7 +96,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         f"{gen['prompts']['count']} prompts ({gen['prompts']['source']}), seeds {gen['seed']}..{gen['seed'] + gen['prompts']['count'] - 1}, "
         f"{gen['steps']} steps, guidance {gen['guidance'] if gen['guidance'] is not None else 'pipeline default'}, "
-        f"batch size {gen['batch_size']}, dtype {gen['dtype']}, device {results['device']}.",
+        f"batch size {gen['batch_size']}, dtype {gen['dtype']}, device {results['perf']['device']} x {results['perf']['num_processes']} process(es).",
         "",
         markdown_table(results),
         "",

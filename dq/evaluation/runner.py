@@ -52,14 +52,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         >>> results = evaluate(EvalConfig(model="ref-sd", out="runs/sd", variants=["fp", "w8a8"], n=8, steps=20))
         >>> results["variants"]["w8a8"]["metrics"]["psnr"]["value"]
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     device = state.device
     # Everything a user can get wrong is checked here, on every process, before any model is loaded.
     model_id = check_model(cfg.model)
     variants = parse_variants(cfg.variants)
     reference_domain = model_id in reference_names(_reference())
+    _refuse_requantizing(model_id, variants)
     video = _is_video_model(model_id)
     prompts = read_prompts(cfg.prompts, cfg.n, video=video and reference_domain)
     dtype_name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
@@ -109,10 +108,33 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
+def process_state() -> Any:
+    """accelerate's ``PartialState``; gloo on CPU-only hosts, so ``accelerate launch --multi_gpu`` or ``torchrun``
+    shard an eval over CPU processes too (accelerate only picks a CPU backend when asked for ``cpu``)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def _reference() -> Any:
     from dq import reference
 
     return reference
+
+
+def _refuse_requantizing(model_id: str, variants: list[Variant]) -> None:
+    """A saved quantized pipeline cannot take a recipe again: say so before anything is generated."""
+    from dq.errors import DQError
+
+    configs = Path(model_id).glob("*/config.json") if Path(model_id).is_dir() else []
+    quantized = any("quantization_config" in json.loads(c.read_text()) for c in configs)
+    recipes = [v.name for v in variants if v.recipe is not None]
+    if quantized and recipes:
+        raise DQError(
+            f"--model {model_id} is already quantized, so variants {', '.join(recipes)} cannot quantize it again; "
+            "pass the FP model with --variants fp,RECIPE,... (or evaluate this directory with --variants fp)."
+        )
 
 
 def _is_video_model(model_id: str) -> bool:
@@ -149,15 +171,12 @@ def _ensure_variant_info(run: RunDir, variants: list[Variant], builder: VariantB
 def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: dict, metric_set: Any,
               device: str) -> dict[str, Any]:
     """results.json: configuration, metric settings, and per variant its metrics, size and measured perf."""
-    from accelerate import PartialState
-
     fp = next(v for v in variants if v.is_fp)
     results: dict[str, Any] = {
         "version": 1,
         "config": generation,
         "fp": fp.name,
-        "device": device,
-        "num_processes": PartialState().num_processes,
+        "perf": {"device": device, "num_processes": process_state().num_processes},
         "metric_settings": metric_set.settings,
         "skipped_metrics": metric_set.skipped,
         "variants": {},

@@ -4,19 +4,35 @@ One launch reads X once and writes everything the GEMM needs:
 
     xs       = x / smooth                                  (in x.dtype, as the reference does)
     q, scale = per-token (per-group) symmetric quantization of xs
-    lora_act = xs @ lora_down^T                            (the low-rank branch's input, in lora_down.dtype)
+    lora_act = xs @ lora_down^T                            (the low-rank branch's input, fp32 partial sums)
 
 Outputs (the layouts the GEMM kernels in this package read):
     int4   q: uint8 [M, K/2], canonical nibble layout (dq.quant.packing); scale: fp32 [K/G, M]
     int8   q: int8 [M, K];                                                 scale: fp32 [1, M]
     fp8    q: float8_e4m3fn [M, K];                                        scale: fp32 [1, M]
+    lora_act: fp32 [C, M, R]: C partial sums over disjoint K chunks; the GEMM epilogue adds them up
+              (in a fixed order, so results are deterministic) and rounds to lora_up's dtype.
 Scales are stored transposed (group-major) so a GEMM tile reads a contiguous run of tokens.
+
+Scale rounding. The torch reference computes scale = amax / qmax with qmax a Python float. On CUDA,
+torch divides by a CPU scalar as amax * fl(1/qmax) (aten div_true_kernel_cuda), which differs from the
+correctly rounded quotient in about half the groups by one ulp; on CPU it divides exactly. A one-ulp
+scale difference flips codes that sit near a .5 tie (with bf16 inputs, about 0.1-0.2 codes per group
+for INT4), a full quantization step each. The kernel therefore computes the scale the way torch does on
+the device it runs on (RCP_SCALE on CUDA, exact division in the CPU interpreter), so codes match bit
+for bit.
+
+Parallelism (INT4, per-group scales). The grid is (row blocks, K chunks): each program streams its
+chunk of K once in tiles of TILE_G groups, quantizes, and multiplies the tile into its rank-R partial
+with one tl.dot per tile. K is split into chunks only as far as needed to fill the GPU (small M),
+so large M reads lora_down once per row block and the epilogue sums few partials.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +43,10 @@ from dq.kernels.epilogue import mma, round_e4m3, round_to
 # Format codes shared with the GEMM launchers.
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
 _QMAX = {FMT_INT4: 7.0, FMT_INT8: 127.0, FMT_FP8: 448.0}
+# fl32(1 / qmax), the reciprocal torch's CUDA division by a Python scalar multiplies with.
+_RCP = {k: float(np.float32(1.0) / np.float32(v)) for k, v in _QMAX.items()}
 _TINY = torch.finfo(torch.float32).tiny
+_SMS = {}
 
 
 @triton.jit
@@ -37,6 +56,16 @@ def round_half_even(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _scale_of(amax, QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr):
+    """max(amax / qmax, tiny), rounded as the torch reference rounds it on this device (module docstring)."""
+    if RCP_SCALE:
+        s = amax * RCP
+    else:
+        s = tl.math.div_rn(amax, QMAX)
+    return tl.maximum(s, TINY)
 
 
 @triton.jit
@@ -51,63 +80,92 @@ def _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH: tl
 
 
 @triton.jit
-def _act_quant_kernel(
+def _act_quant_int4_kernel(
+    x_ptr, s_ptr, q_ptr, sc_ptr, ld_ptr, la_ptr,
+    M, K, R, GROUPS_PER_CHUNK,
+    stride_xm, stride_qm, stride_ldr, stride_las, stride_lam,
+    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, TILE_G: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """INT4 codes + per-group scales of a [BLOCK_M, chunk] block of x, and its lora_down partial.
+
+    Program (pid_m, pid_c) covers rows pid_m*BLOCK_M.. and groups [pid_c*GROUPS_PER_CHUNK, +GROUPS_PER_CHUNK).
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, R_PAD)
+    TILE_K: tl.constexpr = TILE_G * GROUP
+    g_begin = pid_c * GROUPS_PER_CHUNK
+    g_end = tl.minimum(g_begin + GROUPS_PER_CHUNK, K // GROUP)
+    if HAS_LORA:
+        lora = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for g0 in range(g_begin, g_end, TILE_G):
+        offs_k = g0 * GROUP + tl.arange(0, TILE_K)
+        k_end = g_end * GROUP
+        xs = _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, k_end, stride_xm, HAS_SMOOTH)
+        x3 = tl.reshape(xs, (BLOCK_M, TILE_G, GROUP))
+        scale = _scale_of(tl.max(tl.abs(x3), axis=2), QMAX, RCP, TINY, RCP_SCALE)  # [BLOCK_M, TILE_G]
+        offs_g = g0 + tl.arange(0, TILE_G)
+        tl.store(sc_ptr + offs_g[None, :] * M + offs_m[:, None], scale,
+                 mask=m_mask[:, None] & (offs_g[None, :] < g_end))
+        v = tl.math.div_rn(x3, scale[:, :, None])
+        q = tl.minimum(tl.maximum(round_half_even(v), -QMAX - 1.0), QMAX).to(tl.int32)
+        lo, hi = tl.split(tl.reshape(q, (BLOCK_M, TILE_K // 2, 2)))
+        packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        offs_h = g0 * (GROUP // 2) + tl.arange(0, TILE_K // 2)
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_h[None, :], packed,
+                 mask=m_mask[:, None] & (offs_h[None, :] < k_end // 2))
+        if HAS_LORA:
+            ld = tl.load(ld_ptr + offs_r[None, :] * stride_ldr + offs_k[:, None],
+                         mask=(offs_r[None, :] < R) & (offs_k[:, None] < k_end), other=0.0)
+            lora = mma(xs.to(ld.dtype), ld, lora, UPCAST)
+    if HAS_LORA:
+        tl.store(la_ptr + pid_c * stride_las + offs_m[:, None] * stride_lam + offs_r[None, :], lora,
+                 mask=m_mask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _act_quant_token_kernel(
     x_ptr, s_ptr, q_ptr, sc_ptr, ld_ptr, la_ptr,
     M, K, R,
     stride_xm, stride_qm, stride_ldr, stride_lam,
-    QMAX: tl.constexpr, TINY: tl.constexpr, FMT: tl.constexpr, PER_GROUP: tl.constexpr,
+    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr, FMT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    """Quantize a [BLOCK_M, K] row block of x; see the module docstring for outputs.
-
-    x: [M, K] fp16/bf16/fp32 (row stride stride_xm, unit column stride); smooth: [K];
-    lora_down: [R, K] (unit column stride). PER_GROUP: one scale per BLOCK_K channels (BLOCK_K is
-    the group size, K a multiple of it); else one scale per token (two passes over the row block,
-    the second from L2).
-    """
+    """Per-token INT8 / FP8 codes of a [BLOCK_M, K] row block (two passes: amax, then codes from L2)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_r = tl.arange(0, R_PAD)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if not PER_GROUP:
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xs = _load_smoothed(x_ptr, s_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-        scale = tl.maximum(tl.math.div_rn(amax, QMAX), TINY)
-        tl.store(sc_ptr + offs_m, scale, mask=m_mask)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xs = _load_smoothed(x_ptr, s_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+    scale = _scale_of(amax, QMAX, RCP, TINY, RCP_SCALE)
+    tl.store(sc_ptr + offs_m, scale, mask=m_mask)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH)
-        if PER_GROUP:
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xs), axis=1), QMAX), TINY)
-            tl.store(sc_ptr + (k0 // BLOCK_K) * M + offs_m, scale, mask=m_mask)
         v = tl.math.div_rn(xs, scale[:, None])
+        mask = m_mask[:, None] & (offs_k[None, :] < K)
         if FMT == 2:
             q = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(q_ptr.dtype.element_ty)
-            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q,
-                     mask=m_mask[:, None] & (offs_k[None, :] < K))
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
         else:
             q = tl.minimum(tl.maximum(round_half_even(v), -QMAX - 1.0), QMAX).to(tl.int32)
-            if FMT == 0:
-                lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
-                packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-                offs_h = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_h[None, :], packed,
-                         mask=m_mask[:, None] & (offs_h[None, :] < K // 2))
-            else:
-                tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(tl.int8),
-                         mask=m_mask[:, None] & (offs_k[None, :] < K))
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(tl.int8), mask=mask)
         if HAS_LORA:
             ld = tl.load(ld_ptr + offs_r[None, :] * stride_ldr + offs_k[:, None],
                          mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
             lora = mma(xs.to(ld.dtype), ld, lora, UPCAST)
     if HAS_LORA:
-        tl.store(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :],
-                 round_to(lora, la_ptr.dtype.element_ty).to(la_ptr.dtype.element_ty),
+        tl.store(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :], lora,
                  mask=m_mask[:, None] & (offs_r[None, :] < R))
 
 
@@ -116,12 +174,27 @@ def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 @functools.lru_cache(maxsize=None)
-def _block_m(M: int, on_gpu: bool) -> tuple[int, int]:
+def int4_plan(M: int, K: int, group: int, sms: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, TILE_G, chunks, num_warps) for the INT4 quantizer: ~16 KB bf16 tiles, >= 2 programs per SM."""
+    groups = K // group
     if not on_gpu:
-        return 16, 4
-    # Memory-bound: enough rows per program to amortize the lora_down tile, enough programs to fill the GPU.
-    return (64, 4) if M >= 8192 else (32, 4) if M >= 1024 else (16, 4)
+        return 16, 2, min(groups, 2), 4
+    block_m = 32 if M >= 2048 else 16
+    tile_g = max(1, min(groups, 8192 // (block_m * group)))  # 16 KB of bf16 per tile
+    tile_g = 1 << (tile_g.bit_length() - 1)
+    row_blocks = triton.cdiv(M, block_m)
+    chunks = max(1, min(triton.cdiv(groups, tile_g), triton.cdiv(2 * sms, row_blocks)))
+    return block_m, tile_g, chunks, 8 if block_m * tile_g * group >= 8192 else 4
 
 
 def quantize_activations(
@@ -130,8 +203,15 @@ def quantize_activations(
     group_size: int | None,
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
+    plan: tuple[int, int, int, int] | None = None,
+    rcp_scale: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the fused quantizer on a 2-D x [M, K]; returns (codes, scales [K/G or 1, M], lora_act [M, R] or None)."""
+    """Launch the fused quantizer on a 2-D x [M, K].
+
+    Returns (codes, scales [K/G or 1, M], lora partials fp32 [C, M, R] or None). `plan` overrides
+    int4_plan's (BLOCK_M, TILE_G, chunks, num_warps) (tests use it to run the GPU tilings on CPU);
+    rcp_scale overrides the scale rounding (default: torch's rule on x's device, see the module docstring).
+    """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise DQError(f"quantize_activations needs a 2-D row-major x, got shape {tuple(x.shape)} strides {x.stride()}.")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -152,23 +232,39 @@ def quantize_activations(
     if smooth is not None and smooth.numel() != K:
         raise DQError(f"smooth must have {K} entries, got {smooth.numel()}.")
     dev = x.device
+    common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY, RCP_SCALE=x.is_cuda if rcp_scale is None else rcp_scale,
+                  HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda, R_PAD=rank_pad(rank))
+    s_arg = smooth if smooth is not None else x
     if fmt == FMT_INT4:
+        block_m, tile_g, chunks, warps = plan or int4_plan(M, K, group_size, _num_sms(dev), x.is_cuda)
+        groups = K // group_size
+        per_chunk = triton.cdiv(triton.cdiv(groups, chunks), tile_g) * tile_g
+        chunks = triton.cdiv(groups, per_chunk)
         q = torch.empty((M, K // 2), dtype=torch.uint8, device=dev)
-        scales = torch.empty((K // group_size, M), dtype=torch.float32, device=dev)
-    else:
-        q = torch.empty((M, K), dtype=torch.int8 if fmt == FMT_INT8 else torch.float8_e4m3fn, device=dev)
-        scales = torch.empty((1, M), dtype=torch.float32, device=dev)
-    lora_act = torch.empty((M, rank), dtype=lora_down.dtype, device=dev) if rank else None
-    block_m, warps = _block_m(M, x.is_cuda)
-    block_k = group_size if fmt == FMT_INT4 else min(128, max(16, triton.next_power_of_2(K)))
-    _act_quant_kernel[(triton.cdiv(M, block_m),)](
-        x, smooth if smooth is not None else x, q, scales,
-        lora_down if rank else x, lora_act if rank else x,
+        scales = torch.empty((groups, M), dtype=torch.float32, device=dev)
+        lora_act = torch.empty((chunks, M, rank), dtype=torch.float32, device=dev) if rank else None
+        if M == 0:
+            return q, scales, lora_act
+        _act_quant_int4_kernel[(triton.cdiv(M, block_m), chunks)](
+            x, s_arg, q, scales, lora_down if rank else x, lora_act if rank else x,
+            M, K, rank, per_chunk,
+            x.stride(0), q.stride(0), lora_down.stride(0) if rank else 0,
+            lora_act.stride(0) if rank else 0, lora_act.stride(1) if rank else 0,
+            BLOCK_M=block_m, GROUP=group_size, TILE_G=tile_g, num_warps=warps, **common,
+        )
+        return q, scales, lora_act
+    q = torch.empty((M, K), dtype=torch.int8 if fmt == FMT_INT8 else torch.float8_e4m3fn, device=dev)
+    scales = torch.empty((1, M), dtype=torch.float32, device=dev)
+    lora_act = torch.empty((1, M, rank), dtype=torch.float32, device=dev) if rank else None
+    if M == 0:
+        return q, scales, lora_act
+    block_m = 16 if not x.is_cuda else (32 if M >= 8192 else 16 if M >= 1024 else 8)
+    block_m = max(block_m, 16) if rank else block_m  # tl.dot needs 16 rows
+    block_k = min(256 if x.is_cuda else 32, max(16, triton.next_power_of_2(K)))
+    _act_quant_token_kernel[(triton.cdiv(M, block_m),)](
+        x, s_arg, q, scales, lora_down if rank else x, lora_act if rank else x,
         M, K, rank,
-        x.stride(0), q.stride(0), lora_down.stride(0) if rank else 0, lora_act.stride(0) if rank else 0,
-        QMAX=_QMAX[fmt], TINY=_TINY, FMT=fmt, PER_GROUP=fmt == FMT_INT4,
-        HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda,
-        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=rank_pad(rank),
-        num_warps=warps,
+        x.stride(0), q.stride(0), lora_down.stride(0) if rank else 0, lora_act.stride(1) if rank else 0,
+        FMT=fmt, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, **common,
     )
     return q, scales, lora_act

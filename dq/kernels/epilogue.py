@@ -24,22 +24,27 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 @triton.jit
 def lowrank_bias_epilogue(
     acc, offs_m, offs_n, M, N, R,
-    la_ptr, stride_lam, lu_ptr, stride_lun, bias_ptr, c_ptr, stride_cm,
+    la_ptr, stride_las, LA_SPLITS, stride_lam, lu_ptr, stride_lun, bias_ptr, c_ptr, stride_cm,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """c = acc + lora_act @ lora_up^T + bias, cast to c's dtype and stored.
 
-    acc: fp32 [BLOCK_M, BLOCK_N]; lora_act: [M, R]; lora_up: [N, R] (same dtype as lora_act,
-    fp32 accumulation); bias: [N]; c: [M, N].
+    acc: fp32 [BLOCK_M, BLOCK_N]; lora_act: LA_SPLITS partial sums [LA_SPLITS, M, R] (any float dtype,
+    split stride stride_las), added in order in fp32 and rounded to lora_up's dtype, as the reference's
+    (x @ lora_down^T) is; lora_up: [N, R] (fp32 accumulation); bias: [N]; c: [M, N].
     """
     m_mask = offs_m < M
     n_mask = offs_n < N
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
-        la = tl.load(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :],
-                     mask=m_mask[:, None] & (offs_r[None, :] < R), other=0.0)
+        la_ptrs = la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :]
+        la_mask = m_mask[:, None] & (offs_r[None, :] < R)
+        la = tl.load(la_ptrs, mask=la_mask, other=0.0).to(tl.float32)
+        for s in range(1, LA_SPLITS):
+            la += tl.load(la_ptrs + s * stride_las, mask=la_mask, other=0.0).to(tl.float32)
         lu = tl.load(lu_ptr + offs_n[None, :] * stride_lun + offs_r[:, None],
                      mask=n_mask[None, :] & (offs_r[:, None] < R), other=0.0)
+        la = round_to(la, lu.dtype).to(lu.dtype)
         acc = mma(la, lu, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -35,7 +35,10 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     },
 }
 _BLOCK_K = {"w4": None, "w8": 128, "w4a16": None}
+# Tile used under TRITON_INTERPRET (CPU). Tests set these to the GPU configs' tiles so the exact tile
+# shapes the autotuner can pick on a GPU are exercised on CPU too.
 INTERPRET_TILE = (16, 32)
+INTERPRET_BLOCK_K = 32
 
 
 def _arch(device: torch.device) -> int:
@@ -79,8 +82,20 @@ def launch(kernel, family: str, grid_fn, device: torch.device, args: tuple, kwar
     bm, bn = INTERPRET_TILE
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 2}
     if _BLOCK_K[family]:
-        kw["BLOCK_K"] = 32
+        kw["BLOCK_K"] = INTERPRET_BLOCK_K
     kernel[grid_fn](*args, **kwargs, **kw)
+
+
+def gpu_tiles(family: str, arch: int = 90) -> list[tuple[int, int]]:
+    """The (BLOCK_M, BLOCK_N) tiles the autotuner may pick for `family` on `arch`."""
+    return sorted({(c[0], c[1]) for c in _CONFIGS[family][arch]})
+
+
+def block_k(family: str, device: torch.device) -> int | None:
+    """The K tile of `family` on `device` (None: the kernel steps K by the quantization group)."""
+    if _BLOCK_K[family] is None:
+        return None
+    return _BLOCK_K[family] if device.type == "cuda" else INTERPRET_BLOCK_K
 
 
 def m_key(M: int) -> int:

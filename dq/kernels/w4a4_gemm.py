@@ -32,11 +32,18 @@ def unpack_int4(p):
     return lo, hi
 
 
+def _as_partials(lora_act: torch.Tensor | None) -> torch.Tensor | None:
+    """lora_act as [C, M, R] partial sums (a 2-D [M, R] tensor is one partial)."""
+    if lora_act is None or lora_act.dim() == 3:
+        return lora_act
+    return lora_act.unsqueeze(0)
+
+
 @triton.jit
 def _w4_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, la_ptr, lu_ptr, c_ptr,
     M, N, K, R, M_KEY,
-    stride_am, stride_bn, stride_bsn, stride_lam, stride_lun, stride_cm,
+    stride_am, stride_bn, stride_bsn, stride_las, LA_SPLITS, stride_lam, stride_lun, stride_cm,
     GROUP: tl.constexpr, A_INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -83,7 +90,7 @@ def _w4_gemm_kernel(
         b_ptrs += GROUP // 2
     if A_INT8:
         acc = acc * tl.load(as_ptr + rm)[:, None]
-    lowrank_bias_epilogue(acc, offs_m, offs_n, M, N, R, la_ptr, stride_lam, lu_ptr, stride_lun,
+    lowrank_bias_epilogue(acc, offs_m, offs_n, M, N, R, la_ptr, stride_las, LA_SPLITS, stride_lam, lu_ptr, stride_lun,
                           bias_ptr, c_ptr, stride_cm, HAS_LORA, HAS_BIAS, R_PAD, UPCAST)
 
 
@@ -98,7 +105,10 @@ def w4_gemm(
     out_dtype: torch.dtype,
     group_size: int,
 ) -> torch.Tensor:
-    """Launch the INT4-weight GEMM on quantized activations (packed INT4 [M, K/2] or INT8 [M, K])."""
+    """Launch the INT4-weight GEMM on quantized activations (packed INT4 [M, K/2] or INT8 [M, K]).
+
+    lora_act: [M, R] or fp32 partial sums [C, M, R] (quantize_activations' output), added in the epilogue.
+    """
     a_int8 = a.dtype == torch.int8
     M = a.shape[0]
     N, K = qweight.shape[0], qweight.shape[1] * 2
@@ -108,9 +118,10 @@ def w4_gemm(
         raise DQError(f"weight scales {tuple(weight_scale.shape)} do not match [{N}, K/{group_size}] for K={K}.")
     if a.shape[1] != (K if a_int8 else K // 2):
         raise DQError(f"activations {tuple(a.shape)} do not match weights with K={K}.")
-    rank = 0 if lora_act is None else lora_act.shape[1]
-    if rank and (lora_up is None or lora_up.shape != (N, rank) or lora_up.dtype != lora_act.dtype):
-        raise DQError(f"lora_up must be [{N}, {rank}] in {lora_act.dtype}, got {None if lora_up is None else tuple(lora_up.shape)}.")
+    lora_act = _as_partials(lora_act)
+    rank = 0 if lora_act is None else lora_act.shape[2]
+    if rank and (lora_up is None or lora_up.shape != (N, rank)):
+        raise DQError(f"lora_up must be [{N}, {rank}], got {None if lora_up is None else tuple(lora_up.shape)}.")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
@@ -125,7 +136,8 @@ def w4_gemm(
          lora_act if rank else c, lu if rank else c, c,
          M, N, K, rank, m_key(M),
          a.stride(0), qweight.stride(0), weight_scale.stride(0),
-         lora_act.stride(0) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
+         lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1,
+         lora_act.stride(1) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
         dict(GROUP=group_size, A_INT8=a_int8, HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
     )
     return c

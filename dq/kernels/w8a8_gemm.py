@@ -14,14 +14,15 @@ import triton.language as tl
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_FP8, FMT_INT8, quantize_activations, rank_pad
 from dq.kernels.epilogue import lowrank_bias_epilogue, tile_coords
-from dq.kernels.tuning import launch, m_key
+from dq.kernels.tuning import block_k, launch, m_key
+from dq.kernels.w4a4_gemm import _as_partials
 
 
 @triton.jit
 def _w8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, la_ptr, lu_ptr, c_ptr,
     M, N, K, R, M_KEY,
-    stride_am, stride_bn, stride_lam, stride_lun, stride_cm,
+    stride_am, stride_bn, stride_las, LA_SPLITS, stride_lam, stride_lun, stride_cm,
     IS_FP8: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -56,7 +57,7 @@ def _w8_gemm_kernel(
     sa = tl.load(as_ptr + rm)
     sb = tl.load(bs_ptr + rn).to(tl.float32)
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    lowrank_bias_epilogue(out, offs_m, offs_n, M, N, R, la_ptr, stride_lam, lu_ptr, stride_lun,
+    lowrank_bias_epilogue(out, offs_m, offs_n, M, N, R, la_ptr, stride_las, LA_SPLITS, stride_lam, lu_ptr, stride_lun,
                           bias_ptr, c_ptr, stride_cm, HAS_LORA, HAS_BIAS, R_PAD, UPCAST)
 
 
@@ -77,9 +78,10 @@ def w8_gemm(
         raise DQError(f"8-bit weights must be {a.dtype} [N, {K}] row-major, got {qweight.dtype} {tuple(qweight.shape)}.")
     if weight_scale.numel() != N:
         raise DQError(f"W8A8 kernels take one weight scale per output channel ({N}), got {tuple(weight_scale.shape)}.")
-    rank = 0 if lora_act is None else lora_act.shape[1]
-    if rank and (lora_up is None or lora_up.shape != (N, rank) or lora_up.dtype != lora_act.dtype):
-        raise DQError(f"lora_up must be [{N}, {rank}] in {lora_act.dtype}.")
+    lora_act = _as_partials(lora_act)
+    rank = 0 if lora_act is None else lora_act.shape[2]
+    if rank and (lora_up is None or lora_up.shape != (N, rank)):
+        raise DQError(f"lora_up must be [{N}, {rank}].")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
@@ -93,8 +95,9 @@ def w8_gemm(
         (a, a_scale, qweight, weight_scale.reshape(-1), bias if bias is not None else c,
          lora_act if rank else c, lu if rank else c, c,
          M, N, K, rank, m_key(M),
-         a.stride(0), qweight.stride(0), lora_act.stride(0) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
-        dict(IS_FP8=a.dtype != torch.int8, EVEN_K=K % (128 if a.is_cuda else 32) == 0,
+         a.stride(0), qweight.stride(0), lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1,
+         lora_act.stride(1) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
+        dict(IS_FP8=a.dtype != torch.int8, EVEN_K=K % block_k("w8", a.device) == 0,
              HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
     )
     return c

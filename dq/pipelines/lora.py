@@ -163,6 +163,8 @@ def validate_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix:
         except AttributeError:
             problems.append(f"module {name!r} does not exist in {type(model).__name__}")
             continue
+        if hasattr(module, "get_base_layer"):  # already wrapped by PEFT for an earlier adapter
+            module = module.get_base_layer()
         if "lora_A" not in pair or "lora_B" not in pair:
             problems.append(f"module {name!r} has only {sorted(pair)}; a LoRA needs both lora_A and lora_B")
             continue

@@ -64,16 +64,13 @@ def test_eval_cli_prints_the_report_table(tiny_sd, prompt_file, tmp_path, capsys
     assert json.loads((out / "config.json").read_text())["generation"]["steps"] == 2
 
 
-def test_demo_picks_one_recipe_per_precision_preferring_calibrated():
-    from dq.recipes import bundled_recipe_names, load_recipe
+def test_demo_picks_the_first_registered_recipe_of_each_precision(monkeypatch):
+    import dq.recipes
 
-    chosen = demo.demo_variants()
-    assert chosen[0] == "fp" and len(chosen) == len(set(chosen))
-    for name in chosen[1:]:
-        precision = next(p for p in demo.PRECISIONS if p in name)
-        same = [r for r in bundled_recipe_names() if precision in r.split("-")]
-        if any(load_recipe(r).method != "rtn" for r in same):
-            assert load_recipe(name).method != "rtn", f"{name} is round-to-nearest but a calibrated {precision} exists"
+    monkeypatch.setattr(dq.recipes, "bundled_recipe_names", lambda: ["w4a4", "w4a8-tfmq", "w4a8", "w8a8", "w8a8-ptq4dm"])
+    assert demo.demo_variants() == ["fp", "w8a8", "w4a8-tfmq", "w4a4"]
+    monkeypatch.setattr(dq.recipes, "bundled_recipe_names", lambda: ["svdquant-w4a4", "w4a4"])
+    assert demo.demo_variants() == ["fp", "svdquant-w4a4"]
 
 
 def test_demo_runs_the_loop_on_a_given_model(tiny_sd, tmp_path, capsys):

@@ -31,6 +31,7 @@ from dq.kernels.reference import quantized_linear_reference  # noqa: E402
 from dq.kernels.w4a4_gemm import w4_gemm, w4a4_linear, w4a8_linear  # noqa: E402
 from dq.kernels.w4a16_gemm import w4a16_linear  # noqa: E402
 from dq.kernels.w8a8_gemm import w8a8_linear  # noqa: E402
+from dq.kernels import tuning  # noqa: E402
 
 
 def rel(a, b):
@@ -76,7 +77,8 @@ def test_act_quant_lowrank():
     x, ld = torch.randn(17, 128), torch.randn(20, 128)
     sm = torch.rand(128) + 0.5
     _, _, la = quantize_activations(x, FMT_INT4, 64, sm, ld)
-    assert rel(la, (x / sm) @ ld.t()) < 1e-5
+    assert la.dim() == 3 and la.dtype == torch.float32
+    assert rel(la.sum(0), (x / sm) @ ld.t()) < 1e-5
 
 
 def test_w4a4_integer_sums_exact():
@@ -146,3 +148,129 @@ def test_dispatcher_cpu_uses_reference():
     assert y.shape == (2, 3, 8)
     z = torch.ops.dq.w4_linear(x.reshape(6, 128), qw, sw, None, None, None, None, 64, 4)
     assert torch.equal(y.reshape(6, 8), z)
+
+
+def _int4_act_codes(xs: torch.Tensor, group: int, rcp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and [M, K/G] scales as the torch reference computes them on CPU (rcp=False) or CUDA (rcp=True:
+    torch divides by the Python scalar qmax as amax * fl(1/qmax) there)."""
+    M, K = xs.shape
+    g = xs.float().reshape(M, K // group, group)
+    amax = g.abs().amax(-1)
+    s = amax * torch.tensor(1 / 7, dtype=torch.float32) if rcp else amax / torch.full_like(amax, 7.0)
+    s = s.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.clamp(torch.round(g / s[..., None]), -8, 7).reshape(M, K), s
+
+
+# (BLOCK_M, TILE_G, chunks, num_warps): the GPU plans (int4_plan on an H200) and odd splits of K.
+PLANS = [(16, 2, 1, 4), (16, 8, 1, 4), (32, 4, 3, 8), (16, 1, 7, 4), (32, 8, 2, 8)]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("rcp", [False, True])
+def test_act_quant_int4_plans_exact(plan, rcp):
+    """Every tiling of the INT4 quantizer gives the reference's codes, scales and lora partials (odd M, K)."""
+    torch.manual_seed(sum(plan) + rcp)
+    M, K, R = 37, 448, 20
+    x = torch.randn(M, K).bfloat16()
+    sm = (torch.rand(K) + 0.5).bfloat16()
+    ld = (torch.randn(R, K) * 0.1).bfloat16()
+    q, s, la = quantize_activations(x, FMT_INT4, 64, sm, ld, plan=plan, rcp_scale=rcp)
+    codes, ref_s = _int4_act_codes(x / sm, 64, rcp)
+    assert torch.equal(s, ref_s.t().contiguous())
+    assert torch.equal(q, pack_4bit(codes.to(torch.int16)))
+    assert rel(la.sum(0), ((x / sm).float() @ ld.float().t())) < 1e-5
+
+
+def test_rcp_scale_changes_ties():
+    """The two scale roundings really differ on some codes (so the device rule matters), and the
+    exact rule is the CPU reference's (fake_quantize)."""
+    torch.manual_seed(5)
+    x = torch.randn(64, 1024).bfloat16()
+    a, _ = _int4_act_codes(x, 64, False)
+    b, _ = _int4_act_codes(x, 64, True)
+    assert (a != b).sum() > 0
+    ref = fake_quantize(x.float(), QuantSpec("int4", PerToken(64)))
+    q, s, _ = quantize_activations(x, FMT_INT4, 64)
+    assert torch.equal(torch.stack([(q << 4).view(torch.int8) >> 4, q.view(torch.int8) >> 4], -1).reshape(64, 1024).float()
+                       * s.t().repeat_interleave(64, 1), ref)
+
+
+GPU_CASES = [(37, 200, 192, 0), (37, 200, 192, 32), (130, 136, 320, 20)]
+
+
+@pytest.mark.parametrize("tile", tuning.gpu_tiles("w4"))
+@pytest.mark.parametrize("M,N,K,rank", GPU_CASES)
+@pytest.mark.parametrize("kind", ["w4a4", "w4a8"])
+def test_w4_gemm_gpu_tiles(monkeypatch, kind, tile, M, N, K, rank):
+    """The W4A4/W4A8 GEMM at every tile the H200 autotuner can pick (M, N, K not multiples of it)."""
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
+    torch.manual_seed(M + N + K + rank + tile[0])
+    x = torch.randn(M, K).bfloat16()
+    b = torch.randn(N).bfloat16()
+    sm = (torch.rand(K) + 0.5).bfloat16()
+    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
+    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
+    fn = w4a4_linear if kind == "w4a4" else w4a8_linear
+    act = QuantSpec("int4", PerToken(64)) if kind == "w4a4" else QuantSpec("int8", PerToken())
+    y = fn(x, qw, sw, b, 64, sm, ld, lu)
+    ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K, act_spec=act,
+                                     smooth=sm, lora_down=ld, lora_up=lu)
+    assert rel(y, ref) < 4e-3
+
+
+@pytest.mark.parametrize("tile", [(16, 64), (64, 128), (128, 256)])
+def test_w4_integer_sums_gpu_tiles(monkeypatch, tile):
+    """Raw integer sums at the GPU tiles: exact (any unpack/layout slip shows as a mismatch)."""
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
+    torch.manual_seed(tile[0])
+    M, N, K = 70, 150, 192
+    a = torch.randint(0, 256, (M, K // 2), dtype=torch.uint8)
+    b = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    y = w4_gemm(a, torch.ones(K // 64, M), b, torch.ones(N, K // 64), None, None, None, torch.float32, 64)
+    from dq.quant import unpack_4bit
+
+    assert torch.equal(y, (unpack_4bit(a, True).long() @ unpack_4bit(b, True).long().t()).float())
+
+
+@pytest.mark.parametrize("tile", tuning.gpu_tiles("w8"))
+@pytest.mark.parametrize("rank", [0, 20])
+def test_w8_gemm_gpu_tiles(monkeypatch, tile, rank):
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
+    monkeypatch.setattr(tuning, "INTERPRET_BLOCK_K", 128)
+    torch.manual_seed(tile[1] + rank)
+    M, N, K = 37, 150, 320
+    x = torch.randn(M, K).bfloat16()
+    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
+    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    qw, sw = make_weight(N, K, QuantSpec("int8", PerChannel()), "int8")
+    y = w8a8_linear(x, qw, sw, None, None, ld, lu)
+    ref = quantized_linear_reference(x, qw, sw, None, None, weight_format="int8", in_features=K,
+                                     act_spec=QuantSpec("int8", PerToken()), lora_down=ld, lora_up=lu)
+    assert rel(y, ref) < 4e-3
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("plan", [(32, 1), (32, 3), (64, 5)])
+@pytest.mark.parametrize("rank", [0, 20])
+def test_w4a16_small_m_splitk(M, plan, rank):
+    """The split-K GEMV path (M <= 16) for several (BLOCK_N, groups/program), N not a multiple of BLOCK_N."""
+    torch.manual_seed(M + plan[1] + rank)
+    N, K = 90, 960  # 15 groups of 64
+    x = torch.randn(M, K).bfloat16()
+    b = torch.randn(N).bfloat16()
+    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
+    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
+    y = w4a16_linear(x, qw, sw, b, 64, None, ld, lu, small_m=True, splitk_plan_override=plan)
+    ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K, act_spec=None,
+                                     lora_down=ld, lora_up=lu)
+    assert y.shape == (M, N) and rel(y, ref) < 4e-3
+
+
+def test_splitk_plan_fills_gpu():
+    from dq.kernels.w4a16_gemm import splitk_plan
+
+    bn, gpp = splitk_plan(3072, 48, 132)
+    assert 48 % gpp == 0 and (3072 // bn) * (48 // gpp) >= 4 * 132
+    assert splitk_plan(320, 5, 132) == (32, 1)

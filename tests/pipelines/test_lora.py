@@ -37,7 +37,7 @@ def pipes():
     ref_a = run(fp, kw)
     fp.unload_lora_weights()
     q, _ = build("sd")
-    recipe = dataclasses.replace(load_recipe("svdquant-w4a4"), options={"rank": 8, "num_grids": 4})
+    recipe = dataclasses.replace(load_recipe("svdquant-w4a4"), options={"rank": 8, "num_grids": 2, "max_tokens": 256})
     dq.quantize(q, recipe, calib=CalibConfig(prompts=["p"], steps=2, samples=1, batch_size=1, pipeline_kwargs=dict(kw)))
     return dict(kw=kw, q=q, lora_a=lora_a, lora_b=lora_b, ref=ref, ref_a=ref_a, q0=run(q, kw))
 
@@ -122,7 +122,7 @@ def test_train_lora_on_quantized_base(pipes):
 
     q = pipes["q"]
     unet = q.unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"), adapter_name="train")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"), adapter_name="qlora")
     try:
         unet.train()
         params = [p for n, p in unet.named_parameters() if p.requires_grad]
@@ -134,5 +134,5 @@ def test_train_lora_on_quantized_base(pipes):
         assert any(float(p.grad.abs().sum()) > 0 for p in params)
     finally:
         unet.eval()
-        unet.delete_adapters("train")
+        unet.delete_adapters("qlora")
     assert torch.equal(run(q, pipes["kw"]), pipes["q0"])
