@@ -94,7 +94,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
         raise DQError(f"weights for {name!r} not found in {directory}; rebuild with `python -m dq.reference.train_*`")
     pipeline_cls = getattr(diffusers, _PIPELINES[name])
-    pipe = pipeline_cls.from_pretrained(directory, torch_dtype=dtype)
+    pipe = pipeline_cls.from_pretrained(directory, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

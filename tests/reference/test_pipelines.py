@@ -19,7 +19,7 @@ def _classes():
 
 @pytest.mark.parametrize("name", ["ref-sd", "ref-pixart", "ref-video"])
 def test_loads_with_stock_class_and_is_deterministic(name):
-    pipe = _classes()[name].from_pretrained(reference.path(name), torch_dtype=torch.float32)
+    pipe = _classes()[name].from_pretrained(reference.path(name), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     prompt = reference.prompts("heldout", 1, video=reference.is_video(name))[0]
     kwargs = dict(num_inference_steps=2, output_type="np", **reference.generation_kwargs(name))

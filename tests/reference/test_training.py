@@ -14,8 +14,8 @@ def test_image_training_scripts(tmp_path):
     train_sd.main(TINY + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "sd")])
     train_pixart.main(TINY + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "px")])
     assert (tmp_path / "sd" / "training.json").exists()
-    StableDiffusionPipeline.from_pretrained(tmp_path / "sd", torch_dtype=torch.float32)
-    PixArtSigmaPipeline.from_pretrained(tmp_path / "px", torch_dtype=torch.float32)
+    StableDiffusionPipeline.from_pretrained(tmp_path / "sd", dtype=torch.float32)
+    PixArtSigmaPipeline.from_pretrained(tmp_path / "px", dtype=torch.float32)
 
 
 def test_video_training_scripts(tmp_path):
@@ -23,7 +23,7 @@ def test_video_training_scripts(tmp_path):
 
     train_vae.main(TINY + ["--video", "--out", str(tmp_path / "vae")])
     train_video.main(TINY + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "wan")])
-    WanPipeline.from_pretrained(tmp_path / "wan", torch_dtype=torch.float32)
+    WanPipeline.from_pretrained(tmp_path / "wan", dtype=torch.float32)
 
 
 def test_clip_training_script(tmp_path):
