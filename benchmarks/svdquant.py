@@ -73,9 +73,9 @@ def layer_timing(args) -> list[dict]:
     for out_f, in_f in FLUX_SHAPES:
         rows.append(time_layer(out_f, in_f, "randomized", 20, args.layer_tokens))
         print(json.dumps(rows[-1]), flush=True)
-        # Exact float64 SVD per candidate (deepcompressor's way): the full grid on the square layer, a
-        # 4-point grid on the large one (its per-candidate time extrapolates to the full grid).
-        grids = 20 if out_f * in_f <= 3072 * 3072 or args.full_exact else 4
+        # Exact float64 SVD per candidate (deepcompressor's way) on a 4-point grid by default: its time per
+        # candidate extrapolates to the full grid (--full-exact runs all 20 points).
+        grids = 20 if args.full_exact else 4
         rows.append(time_layer(out_f, in_f, "exact", grids, args.layer_tokens))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -227,9 +227,9 @@ def fmt(v, nd=3):
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# SVDQuant benchmark ({result['device']})", "", f"Command: `{result['command']}`", ""]
+    lines = [f"# SVDQuant benchmark ({result['device']}, {result['torch_threads']} torch threads, shared CPU)", ""]
     if result.get("pipelines"):
-        lines += ["## Quality vs the FP pipeline (same prompts, seeds, steps)", "",
+        lines += ["## Quality vs the FP pipeline (same prompts, seeds, steps)", "", f"Command: `{result['pipelines_command']}`", "",
                   "| model | recipe | calib s | PSNR dB | LPIPS | FID vs FP (domain CLIP) | CLIP | CLIP / FP | compression |",
                   "|---|---|---|---|---|---|---|---|---|"]
         fp_clip = {r["model"]: r.get("clip") for r in result["pipelines"] if r["recipe"] == "fp"}
@@ -246,6 +246,7 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {r['model']} | {fmt(r['psnr'], 2)} | {fmt(r['lora_psnr_vs_fp_lora'], 2)} | {fmt(r['lora_effect_psnr_fp'], 2)} | {fmt(r['unload_bit_identical'])} |")
     if result.get("layers"):
         lines += ["", "## Per-layer calibration time (FLUX-sized linears, rank 32, smoothing grid search in the loop)", "",
+                  f"Command: `{result['layers_command']}`", "",
                   "| shape [out, in] | SVD | candidates | tokens | seconds | s / candidate | projected 20-grid s | rel. output MSE |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in result["layers"]:
@@ -285,6 +286,17 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"svdquant_{device}" + ("_tiny" if args.tiny else "")
+    previous = out / f"{stem}.json"
+    if previous.is_file():
+        # A run of one part keeps the other part's rows from the previous run (labelled with its command).
+        old = json.loads(previous.read_text())
+        for part in ("pipelines", "layers"):
+            if part not in result and part in old:
+                result[part] = old[part]
+                result[f"{part}_command"] = old.get(f"{part}_command", old.get("command"))
+    for part in ("pipelines", "layers"):
+        if part in result:
+            result.setdefault(f"{part}_command", result["command"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

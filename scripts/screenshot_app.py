@@ -38,6 +38,11 @@ READY_JS = """(() => {
   const pending = document.querySelectorAll('.progress-text, .eta-bar').length;
   return rows >= %d && pending === 0 && imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
 })()"""
+STATE_JS = """JSON.stringify({
+  rows: document.querySelectorAll('#dq-table tbody tr').length,
+  pending: [...document.querySelectorAll('.progress-text, .eta-bar')].map(e => e.className),
+  images: [...document.querySelectorAll('img')].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+})"""
 ERROR_JS = "(() => { const t = document.querySelector('.toast-body'); return t ? t.innerText : null; })()"
 
 
@@ -102,7 +107,7 @@ class DevTools:
             if error:
                 raise RuntimeError(f"the app reported an error: {error}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; page: {self.evaluate(STATE_JS)}")
             time.sleep(0.5)
 
     def close(self) -> None:

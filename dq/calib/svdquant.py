@@ -235,7 +235,8 @@ def calibrate_unit(
         found = search_smoothing(x_span, w_span, [pair], score)
     # Install against the 16-bit smoothing vector the layer stores, so the residual matches it exactly.
     bd = layers[0].smooth.dtype
-    s = found.scale.to(bd).float()
+    finfo = torch.finfo(bd)
+    s = found.scale.clamp(finfo.smallest_normal, finfo.max / 2).to(bd).float()
     ws = w * s
     lrs = shared_low_rank([wi * s for wi in weights], rank, options.svd, options.svd_niter) if len(layers) > 1 else [low_rank(ws, rank, options.svd, options.svd_niter)]
     if options.lowrank_iters and rank:

@@ -19,8 +19,8 @@ torch divides by a CPU scalar as amax * fl(1/qmax) (aten div_true_kernel_cuda), 
 correctly rounded quotient in about half the groups by one ulp; on CPU it divides exactly. A one-ulp
 scale difference flips codes that sit near a .5 tie (with bf16 inputs, about 0.1-0.2 codes per group
 for INT4), a full quantization step each. The kernel therefore computes the scale the way torch does on
-the device it runs on (RCP_SCALE on CUDA, exact division in the CPU interpreter), so codes match bit
-for bit.
+the device it runs on (RCP_SCALE on CUDA, exact division in the CPU interpreter; the rule is probed
+once per device, torch_divides_by_reciprocal), so codes match bit for bit.
 
 Parallelism (INT4, per-group scales). The grid is (row blocks, K chunks): each program streams its
 chunk of K once in tiles of TILE_G groups, quantizes, and multiplies the tile into its rank-R partial
@@ -169,6 +169,36 @@ def _act_quant_token_kernel(
                  mask=m_mask[:, None] & (offs_r[None, :] < R))
 
 
+_RULES: dict[tuple[str, int | None], bool] = {}
+
+
+def torch_divides_by_reciprocal(device: torch.device) -> bool:
+    """True when torch on `device` computes tensor / python_float as tensor * fl(1/float).
+
+    Probed once per device (a 256-element division) so a torch release that changes the rule cannot
+    make the kernel's scales silently disagree with the reference's. During CUDA graph capture (no
+    host sync allowed) the probe is skipped and the rule torch 2.x's CUDA kernels follow is assumed.
+    """
+    key = (device.type, device.index)
+    if key not in _RULES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True
+        t = torch.linspace(1.0, 3.0, 256, dtype=torch.float32)
+        on_dev = (t.to(device) / 7.0).cpu()
+        rcp = t * torch.tensor(_RCP[FMT_INT4], dtype=torch.float32)
+        exact = t / torch.full_like(t, 7.0)
+        if torch.equal(on_dev, rcp):
+            _RULES[key] = True
+        elif torch.equal(on_dev, exact):
+            _RULES[key] = False
+        else:
+            raise DQError(
+                f"torch on {device} divides by a Python scalar neither exactly nor by its fp32 reciprocal; "
+                "the activation-quantization kernels cannot reproduce the reference's scales."
+            )
+    return _RULES[key]
+
+
 def rank_pad(rank: int) -> int:
     """Rank rounded up to a power of two of at least 16 (the smallest tl.dot extent)."""
     return max(16, triton.next_power_of_2(max(rank, 1)))
@@ -232,7 +262,7 @@ def quantize_activations(
     if smooth is not None and smooth.numel() != K:
         raise DQError(f"smooth must have {K} entries, got {smooth.numel()}.")
     dev = x.device
-    common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY, RCP_SCALE=x.is_cuda if rcp_scale is None else rcp_scale,
+    common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY, RCP_SCALE=torch_divides_by_reciprocal(dev) if rcp_scale is None else rcp_scale,
                   HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda, R_PAD=rank_pad(rank))
     s_arg = smooth if smooth is not None else x
     if fmt == FMT_INT4:

@@ -93,3 +93,13 @@ def test_nan_inputs_name_input_and_step():
     cfg.pipeline_kwargs["prompt_embeds"] = emb
     with pytest.raises(DQError, match=r"encoder_hidden_states.*step 0"):
         collect(pipe, cfg)
+
+
+def test_default_calibration_set_is_logged(caplog):
+    from dq.calib.collect import default_calib, resolve_prompts
+
+    with caplog.at_level("WARNING"):
+        cfg = default_calib("w4a8-qdiffusion", sampling="ndtc")
+    assert cfg.sampling == "ndtc" and "calib=None" in caplog.text
+    assert len(resolve_prompts(cfg)) == cfg.samples
+    assert len(resolve_prompts(CalibConfig(prompts="default", samples=5))) == 5

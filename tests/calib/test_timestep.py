@@ -133,3 +133,13 @@ def test_timestep_groups_survive_save_and_reload(tmp_path):
     for a, b in zip(outs, again_outs):
         assert torch.equal(a, b)
     assert not torch.equal(outs[0], outs[2])
+
+
+def test_non_finite_activation_names_layer_and_step():
+    toy = Toy()
+    toy.lin = QuantLinear.from_float(toy.lin, QuantSpec("int8", PerChannel()), A_SPEC)
+    data = _data()
+    bad = data.samples[2]  # step 2
+    bad.args[0][0, 0, 0] = float("inf")
+    with pytest.raises(DQError, match=r"layer 'lin' at step 2"):
+        calibrate_activations(toy, {"lin": toy.lin}, data, "minmax", groups=1, batch_size=4)

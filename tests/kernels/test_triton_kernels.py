@@ -181,6 +181,12 @@ def test_act_quant_int4_plans_exact(plan, rcp):
     assert rel(la.sum(0), ((x / sm).float() @ ld.float().t())) < 1e-5
 
 
+def test_scale_rule_probe_cpu():
+    from dq.kernels.act_quant import torch_divides_by_reciprocal
+
+    assert torch_divides_by_reciprocal(torch.device("cpu")) is False  # CPU torch divides exactly
+
+
 def test_rcp_scale_changes_ties():
     """The two scale roundings really differ on some codes (so the device rule matters), and the
     exact rule is the CPU reference's (fake_quantize)."""
