@@ -104,6 +104,7 @@ def main() -> None:
             "latency_s_batch1": latency(pipe, name, captions[0], args.steps),
             "eval_seconds": time.perf_counter() - start,
         }
+        print(name, results["pipelines"][name], flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"domain CLIP on real data: images {results['real_images']:.3f}, video frames {results['real_video_frames']:.3f}")

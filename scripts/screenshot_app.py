@@ -31,16 +31,19 @@ CHROMIUM_FLAGS = [
 ]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
-# True once the results table has one row per variant and every image on the page has finished loading.
+# True once the status line of a finished generation is shown and every image on the page has loaded.
 READY_JS = """(() => {
-  const rows = document.querySelectorAll('#dq-table tbody tr').length;
+  const status = document.getElementById('dq-status');
   const imgs = [...document.querySelectorAll('img')];
   const pending = document.querySelectorAll('.progress-text, .eta-bar').length;
-  return rows >= %d && pending === 0 && imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+  return !!status && status.innerText.includes('slider: FP vs') && pending === 0
+    && imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
 })()"""
 STATE_JS = """JSON.stringify({
-  rows: document.querySelectorAll('#dq-table tbody tr').length,
+  status: (document.getElementById('dq-status') || {}).innerText,
   pending: [...document.querySelectorAll('.progress-text, .eta-bar')].map(e => e.className),
+  table: (document.getElementById('dq-table') || {}).innerText,
+  nimg: document.querySelectorAll('img').length,
   images: [...document.querySelectorAll('img')].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
 })"""
 ERROR_JS = "(() => { const t = document.querySelector('.toast-body'); return t ? t.innerText : null; })()"
@@ -146,6 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--recipes", default="w8a8,w4a8,svdquant-w4a4", help="recipes ticked (comma-separated)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration prompts (default: each recipe's set)")
+    parser.add_argument("--calib-steps", type=int, default=None, help="steps of the calibration runs")
     parser.add_argument("--width", type=int, default=1400, help="page width in CSS pixels (default 1400)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the generation (default 900)")
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: found on PATH)")
@@ -155,10 +160,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from dq.app import AppConfig, build_demo, launch
-    from dq.app.variants import compose_variants
 
     recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-    demo = build_demo(AppConfig(model=args.model, device=args.device, steps=args.steps, recipes=recipes))
+    calib = None
+    if args.calib_samples or args.calib_steps:
+        from dq import CalibConfig
+
+        given = {"samples": args.calib_samples, "steps": args.calib_steps}
+        calib = CalibConfig(**{k: v for k, v in given.items() if v})
+    demo = build_demo(AppConfig(model=args.model, device=args.device, steps=args.steps, recipes=recipes, calib=calib))
     _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     with tempfile.TemporaryDirectory(prefix="dq-chromium-") as profile:
         browser = DevTools(chromium, profile, args.width, 1000)
@@ -169,8 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             browser.send("Page.navigate", url=url)
             browser.wait_for("!!document.getElementById('dq-generate')", 60, "the app to load")
             browser.evaluate("document.getElementById('dq-generate').click()")
-            variants = len(compose_variants(recipes))
-            browser.wait_for(READY_JS % variants, args.timeout, f"{variants} variants to be generated")
+            browser.wait_for(READY_JS, args.timeout, "the generation")
             time.sleep(1.0)  # let the slider and gallery finish their layout transitions
             height = int(browser.evaluate("document.documentElement.scrollHeight"))
             browser.send("Emulation.setDeviceMetricsOverride", width=args.width, height=height, deviceScaleFactor=1,

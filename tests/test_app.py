@@ -173,6 +173,19 @@ def test_media_enlarges_small_images_and_writes_animated_side_by_side_gifs(tmp_p
         assert gif.n_frames == 3 and gif.is_animated
 
 
+def test_calibration_of_reference_pipelines_runs_at_their_trained_size():
+    class ImagePipe:
+        def __call__(self, prompt, height=None, width=None, use_resolution_binning=True):
+            pass
+
+    cache = PipelineCache("cpu", torch.float32)
+    calib = cache._calib_for("ref-pixart", ImagePipe(), "svdquant-w4a4")
+    assert calib.pipeline_kwargs == {"height": 32, "width": 32, "use_resolution_binning": False}
+    assert isinstance(calib.prompts, list) and calib.prompts
+    assert cache._calib_for("ref-pixart", ImagePipe(), "w8a8") is None  # data-free recipes need no calibration
+    assert cache._calib_for("/some/local/model", ImagePipe(), "svdquant-w4a4") is None  # the recipe's default set
+
+
 # ---------------------------------------------------------------- the handler on a real (tiny) pipeline
 
 
@@ -217,6 +230,36 @@ def test_handler_returns_widget_values_and_turns_dqerrors_into_gr_errors(sd_mode
         handler(sd_model, " ", "", 0, STEPS, None, None, None, None, [], [], "", "")
 
 
+@pytest.mark.skipif("deepcache" not in cache_choices(), reason="this dq build has no deepcache")
+def test_cache_variants_reuse_the_quantized_pipeline_and_remove_their_hooks(sd_model, comparer):
+    from dq.cache.handle import handle_of
+
+    result = comparer.compare(GenerationRequest(sd_model, "a red circle", ["w8a8", "w8a8+deepcache"], steps=STEPS))
+    w8a8, cached = result.results[1:]
+    assert cached.spec.cache is not None and cached.weight_bytes == w8a8.weight_bytes
+    assert len(cached.step_seconds) == STEPS and 10 < cached.psnr < math.inf
+    assert handle_of(comparer.cache.get(sd_model, "w8a8").pipe.unet) is None  # enabled for the call only
+    assert [key for key in comparer.cache.keys() if key[1] == "w8a8"] == [(sd_model, "w8a8")]
+
+
+def test_out_of_memory_unloads_quantized_variants_and_reports_it(tmp_path):
+    class OOMComparer:
+        class cache:
+            evicted: list = []
+
+            @classmethod
+            def evict(cls, model=None, keep_fp=False):
+                cls.evicted.append(keep_fp)
+
+        def compare(self, request, progress=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handler = GenerateHandler(OOMComparer(), MediaDir(str(tmp_path)))
+    with pytest.raises(gr.Error, match="out of memory: CUDA out of memory"):
+        handler("m", "a red circle", "", 0, STEPS, "", None, None, None, ["w8a8"], [], "", "")
+    assert OOMComparer.cache.evicted == [True]
+
+
 def test_video_pipelines_show_gifs_per_variant_and_clips_side_by_side(tmp_path):
     model = _save_tiny_wan(tmp_path / "tiny-wan")
     handler = GenerateHandler(Comparer(PipelineCache("cpu", torch.float32), None, warmup=False),
@@ -239,11 +282,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_served_app_generates_compares_and_survives_errors(sd_model):
+def test_served_app_generates_compares_and_survives_errors(sd_model, comparer):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    demo = build_demo(AppConfig(model=sd_model, device="cpu", steps=STEPS, warmup=False, recipes=("w8a8",)))
+    comparer.cache.evict()  # start from nothing loaded, so the status reports what this app built
+    config = AppConfig(model=sd_model, device="cpu", steps=STEPS, warmup=False, recipes=("w8a8",))
+    demo = build_demo(config, cache=comparer.cache)
     _, url, _ = launch(demo, server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     client = Client(url, verbose=False)
     try:

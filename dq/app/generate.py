@@ -6,8 +6,8 @@ variant's call and removed afterwards, so cached and uncached variants share one
 
 Timing: the first call of a freshly built pipeline is preceded by an untimed 1-step call of the same shape
 (allocator growth, kernel selection, autotuning). Latency per image is the wall time of the call; latency per
-step is the mean duration of the denoiser's forward calls (the mean, not the median, so steps a cache skips
-count). Peak memory comes from ``dq.metrics.peak_memory``: the CUDA allocator's peak on GPU, the process peak
+step is the denoiser's total time divided by the steps (a mean, not a median, so steps a cache makes cheap
+count; pipelines that run CFG as two calls count both). Peak memory comes from ``dq.metrics.peak_memory``: the CUDA allocator's peak on GPU, the process peak
 RSS on CPU; both cover everything resident in the process, including the other loaded variants.
 """
 
@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from dq.app.defaults import is_video_pipeline, model_defaults, reference_names
 from dq.app.models import BuiltVariant, PipelineCache
 from dq.app.variants import VariantSpec, parse_variants
 from dq.errors import DQError
@@ -84,6 +85,7 @@ class VariantResult:
         memory_source: What ``peak_memory_bytes`` measured.
         weight_bytes: Bytes of the denoiser's parameters and buffers.
         build_seconds: Time it took to load or quantize the pipeline (0 when it was reused).
+        steps: Denoising steps of the call (pipelines without batched CFG call the denoiser twice per step).
         psnr: PSNR vs FP in dB (inf when identical), None for FP.
         lpips: LPIPS vs FP, None for FP or when LPIPS is unavailable.
     """
@@ -96,13 +98,16 @@ class VariantResult:
     memory_source: str
     weight_bytes: int
     build_seconds: float = 0.0
+    steps: Optional[int] = None
     psnr: Optional[float] = None
     lpips: Optional[float] = None
 
     @property
     def per_step_seconds(self) -> Optional[float]:
-        """Mean denoiser time per step."""
-        return sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else None
+        """Denoiser time per denoising step (all its denoiser calls), averaged over the call's steps."""
+        if not self.step_seconds:
+            return None
+        return sum(self.step_seconds) / (self.steps or len(self.step_seconds))
 
 
 @dataclass
@@ -128,38 +133,6 @@ class Comparison:
         raise DQError(f"no variant {name!r} in this comparison; it has {', '.join(r.spec.name for r in self.results)}.")
 
 
-def is_video_pipeline(pipe: Any) -> bool:
-    """Whether the pipeline makes clips (its ``__call__`` takes ``num_frames``)."""
-    return "num_frames" in inspect.signature(pipe.__call__).parameters
-
-
-def reference_names() -> list[str]:
-    """The bundled reference pipeline names, or [] while dq.reference provides none."""
-    try:
-        from dq import reference
-
-        return list(reference.names())
-    except (ImportError, AttributeError):
-        return []
-
-
-def model_defaults(model: str, video: bool) -> dict[str, Any]:
-    """Call arguments a reference pipeline needs (32x32, 9 frames for video); {} for other models."""
-    if model not in reference_names():
-        return {}
-    from dq import reference
-
-    defaults = getattr(reference, "generation_kwargs", None)
-    if callable(defaults):
-        return dict(defaults(model))
-    from dq.reference import data
-
-    out: dict[str, Any] = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
-    if video:
-        out["num_frames"] = data.NUM_FRAMES
-    return out
-
-
 def call_arguments(pipe: Any, request: GenerationRequest, video: bool) -> dict[str, Any]:
     """Keyword arguments of the pipeline call for this request (the generator is added per call)."""
     params = inspect.signature(pipe.__call__).parameters
@@ -178,6 +151,9 @@ def call_arguments(pipe: Any, request: GenerationRequest, video: bool) -> dict[s
     # Resolution binning would silently change the requested size (and rejects small models' sample sizes).
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False
+    # PixArt's caption cleaning needs bs4 and ftfy and otherwise warns on every call; use the prompt as typed.
+    if "clean_caption" in params:
+        kwargs["clean_caption"] = False
     return kwargs
 
 
@@ -226,6 +202,7 @@ def run_variant(built: BuiltVariant, spec: VariantSpec, kwargs: dict[str, Any], 
         peak_memory_bytes=peak.bytes,
         memory_source=peak.source,
         weight_bytes=built.weight_bytes,
+        steps=int(kwargs["num_inference_steps"]),
     )
 
 
@@ -359,7 +336,7 @@ def results_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         '31.42'
     """
     headers = [
-        "variant", "latency / image (s)", "latency / step (ms)", "steps", "speed-up vs FP",
+        "variant", "latency / image (s)", "latency / step (ms)", "denoiser calls", "speed-up vs FP",
         "peak memory (MiB)", "denoiser weights (MiB)", "weights vs FP", "PSNR vs FP (dB)", "LPIPS vs FP",
     ]
     fp = comparison.fp

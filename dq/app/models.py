@@ -10,6 +10,7 @@ key: they are hooks enabled around a single call (see ``dq.app.generate``), so `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import threading
@@ -167,17 +168,42 @@ class PipelineCache:
         start = time.perf_counter()
         pipe = _with_own_denoiser(base.pipe)
         logger.info("dq app: quantizing %s with %s", model, recipe)
-        report = dq.quantize(pipe, recipe, calib=self.calib)
+        report = dq.quantize(pipe, recipe, calib=self._calib_for(model, pipe, recipe))
         return BuiltVariant(
             pipe, recipe, denoiser_weight_bytes(find_denoiser(pipe)), time.perf_counter() - start, len(report.quantized)
         )
+
+    def _calib_for(self, model: str, pipe: Any, recipe: str) -> Any:
+        """The calibration config: ``self.calib``, plus the call arguments a reference pipeline needs.
+
+        Calibration runs the pipeline; a reference pipeline run at the stock defaults (PixArt's resolution
+        binning, Wan's 480x832x81) fails or takes hours, so its 32x32 (9-frame) arguments are added, and without
+        a configured ``calib`` it calibrates on the reference domain's train prompts.
+        """
+        from dq.app.defaults import is_video_pipeline, model_defaults
+        from dq.recipes import load_recipe
+
+        video = is_video_pipeline(pipe)
+        defaults = model_defaults(model, video)
+        if not defaults or not load_recipe(recipe).needs_data:
+            return self.calib
+        from dq import CalibConfig, reference
+
+        calib = self.calib
+        if calib is None:
+            logger.warning(
+                "dq app: calibrating %s for %s on %s train prompts with dq.CalibConfig defaults (uniform timestep "
+                "sampling); start the app with --calib-* flags to choose.", recipe, model, model,
+            )
+            calib = CalibConfig(prompts=list(reference.prompts("train", video=video)))
+        return dataclasses.replace(calib, pipeline_kwargs={**defaults, **calib.pipeline_kwargs})
 
 
 def _check_model_name(model: str) -> None:
     """Raise a DQError for a model that cannot be loaded whatever the hub says: a missing local path, a bad id."""
     from pathlib import Path
 
-    from dq.app.generate import reference_names
+    from dq.app.defaults import reference_names
 
     references = reference_names()
     if model in references:

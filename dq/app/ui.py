@@ -79,6 +79,17 @@ def default_prompts(n: int = 4) -> list[str]:
         return [FALLBACK_PROMPT]
 
 
+def default_model(references: list[str]) -> str:
+    """The first reference pipeline whose weights are installed (else the first one; "" without any)."""
+    try:
+        from dq import reference
+
+        installed = [n for n in references if (reference.path(n) / "model_index.json").is_file()]
+    except (ImportError, AttributeError):
+        installed = []
+    return (installed or references or [""])[0]
+
+
 def _optional_int(value: Any) -> Optional[int]:
     """An empty or zero size means "the model's default" (the browser sends 0 for an empty number box)."""
     return None if value in (None, "", 0) else int(value)
@@ -156,7 +167,7 @@ class GenerateHandler:
             f"**{req.model}** · {size} · {req.steps} steps · seed {req.seed} · {comparison.device} · "
             f"slider: FP vs **{target}**",
             f"Peak memory: {comparison.fp.memory_source.replace('_', ' ')} (all loaded variants included); "
-            "latency / step: mean denoiser call.",
+            "latency / step: denoiser time / steps.",
         ]
         lines += [f"- {note}" for note in comparison.notes]
         return "\n\n".join(lines)
@@ -193,7 +204,7 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
 
     Args:
         config: How the app runs; defaults to AppConfig().
-        cache: A PipelineCache to use (tests pass one with a custom loader); built from ``config`` when None.
+        cache: A PipelineCache to share (tests reuse theirs); built from ``config`` when None.
 
     Example:
         >>> demo = build_demo(AppConfig(model="ref-sd"))
@@ -211,13 +222,13 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
 
     handler = GenerateHandler(Comparer(cache, make_lpips, config.warmup), MediaDir())
     references = reference_names()
-    model_value = config.model or (references[0] if references else "")
+    model_value = config.model or default_model(references)
     recipes = recipe_choices()
     caches = cache_choices()
     prompts = default_prompts(4)
     ticked = [r for r in config.recipes if r in recipes]
 
-    def fill(fn: Any) -> Any:
+    def with_progress(fn: Any) -> Any:
         """Generate with gr.Progress(track_tqdm=True): calibration, packing and sampling bars show in the UI."""
 
         def generate(model: str, prompt: str, negative_prompt: str, seed: float, steps: float,
@@ -275,16 +286,16 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
                 slider = gr.ImageSlider(label="FP vs quantized", type="pil", format="png", elem_id="dq-slider", buttons=["download", "fullscreen"])
                 clip = gr.Image(label="Clips side by side: FP | variant", type="filepath", visible=False,
                                 buttons=["download", "fullscreen"])
-                gallery = gr.Gallery(label="Every variant", columns=4, format="png", object_fit="contain", height="auto",
+                gallery = gr.Gallery(label="Every variant", columns=4, format="png", object_fit="contain", height=300,
                                      buttons=["download", "fullscreen"])
                 table = gr.Dataframe(label="Cost and fidelity per variant", interactive=False, elem_id="dq-table",
                                      wrap=True)
-                status = gr.Markdown()
+                status = gr.Markdown(elem_id="dq-status")
 
         inputs = [model, prompt, negative, seed, steps, guidance, height, width, frames, recipe_box, cache_box, extra,
                   compare]
         outputs = [slider, clip, gallery, table, status]
-        generate = fill(handler)
+        generate = with_progress(handler)
         run.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id="gpu")
         prompt.submit(generate, inputs, outputs, api_name="generate_on_submit", api_visibility="private",
                       concurrency_limit=1, concurrency_id="gpu")

@@ -120,3 +120,64 @@ def capture_io(
         ts = torch.cat([torch.full((s.rows,), s.timestep) for s in chunk])
         result.append(Captured(found["in"][0], found["in"][1], found["out"], ts))
     return result
+
+
+@torch.no_grad()
+def capture_layers(
+    denoiser: nn.Module,
+    data: CalibData,
+    names: list[str],
+    *,
+    max_rows: int = 4096,
+    batch_size: int = 8,
+    outputs: bool = True,
+    quantized: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Inputs (and outputs) of the named layers over the calibration data, flattened to [rows, features].
+
+    Each layer keeps at most `max_rows` rows (a uniform subsample of every batch once full), so
+    memory is bounded by len(names) * max_rows * features, whatever the data size. The model runs in
+    float unless `quantized`.
+
+    Example:
+        >>> io = capture_layers(pipe.unet, data, ["mid_block.attentions.0.proj_in"], max_rows=2048)
+        >>> x, y = io["mid_block.attentions.0.proj_in"]
+    """
+    device, dtype = _device_dtype(denoiser)
+    store: dict[str, list[list[torch.Tensor]]] = {n: [[], []] for n in names}
+    gen = torch.Generator().manual_seed(0)
+
+    def rows_of(t: torch.Tensor, conv: bool) -> torch.Tensor:
+        t = t.detach().float()
+        t = t.movedim(1, -1) if conv and t.dim() == 4 else t
+        return t.reshape(-1, t.shape[-1]).cpu()
+
+    def make_hook(name: str, conv: bool):
+        def hook(mod, args, out):
+            x = rows_of(args[0], conv)
+            keep = torch.randperm(x.shape[0], generator=gen)[: max(max_rows // 8, 1)] if x.shape[0] > max_rows // 8 else None
+            store[name][0].append(x if keep is None else x[keep])
+            if outputs:
+                y = rows_of(out, conv)
+                store[name][1].append(y if keep is None else y[keep])
+        return hook
+
+    handles = []
+    for name in names:
+        module = denoiser.get_submodule(name)
+        handles.append(module.register_forward_hook(make_hook(name, isinstance(module, nn.Conv2d))))
+    try:
+        with quant_state(denoiser, weights=quantized, acts=quantized):
+            for _, args, kwargs in data.batches(batch_size):
+                denoiser(*to_device(args, device, dtype), **to_device(kwargs, device, dtype))
+                if all(sum(x.shape[0] for x in store[n][0]) >= max_rows for n in names):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, (xs, ys) in store.items():
+        x = torch.cat(xs)[:max_rows] if xs else torch.empty(0)
+        y = torch.cat(ys)[:max_rows] if ys else None
+        result[name] = (x, y)
+    return result

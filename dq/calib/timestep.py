@@ -164,6 +164,8 @@ def calibrate_activations(
     n_groups = 1 if ranges is None else ranges.shape[0]
     if groups > 1 and n_groups < groups:
         logger.warning("dq: %d timestep groups asked but calibration saw %d distinct timesteps; using %d", groups, n_groups, n_groups)
+    if n_groups == 1:
+        ranges = None  # one group is a plain static quantizer
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
     for q in quantizers.values():

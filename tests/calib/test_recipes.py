@@ -23,7 +23,7 @@ def test_recipe_quantizes_saves_and_reloads(name, tmp_path):
     assert recipe.needs_data and recipe.source and recipe.description
     options = {k: v for k, v in FAST.items() if k in recipe.options}
     recipe = dataclasses.replace(recipe, options={**recipe.options, **options})
-    pipe, cfg = tiny_sd_calib(steps=2, samples=2, sampling={"w8a8-ptq4dm": "ndtc", "w4a8-tfmq": "all"}.get(name, "uniform"))
+    pipe, cfg = tiny_sd_calib(steps=2, samples=2, sampling={"w8a8-ptq4dm": "ndtc", "w4a8-qdiffusion": "uniform"}.get(name, "all"))
     kwargs = dict(cfg.pipeline_kwargs, num_inference_steps=3, output_type="latent")  # 3 steps: unseen timesteps
     ref = run(pipe, kwargs)
     report = dq.quantize(pipe, recipe, calib=cfg)
@@ -34,6 +34,10 @@ def test_recipe_quantizes_saves_and_reloads(name, tmp_path):
     kinds = {type(m).__name__ for m in pipe.unet.modules()}
     if name in ("w4a8-qdiffusion", "w4a8-tfmq"):
         assert "QuantSplitConv2d" in kinds
+    if name == "w4a8-timestep":
+        assert pipe.unet.conv_in is not None and any(
+            getattr(m, "timestep_ranges", None) is not None and m.groups == 2 for m in pipe.unet.modules()
+        )
     if name == "w4a8-tfmq":
         assert "time_embedding.linear_2" in report.quantized
         assert pipe.unet.time_embedding.linear_2.act_quantizer.groups == 2  # FSC: one set per step

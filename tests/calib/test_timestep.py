@@ -143,3 +143,14 @@ def test_non_finite_activation_names_layer_and_step():
     bad.args[0][0, 0, 0] = float("inf")
     with pytest.raises(DQError, match=r"layer 'lin' at step 2"):
         calibrate_activations(toy, {"lin": toy.lin}, data, "minmax", groups=1, batch_size=4)
+
+
+def test_capture_layers_is_bounded_and_exact():
+    from dq.calib.capture import capture_layers
+
+    toy = Toy()
+    data = _data()
+    io = capture_layers(toy, data, ["lin"], max_rows=40, batch_size=2)
+    x, y = io["lin"]
+    assert x.shape == (40, 8) and y.shape == (40, 8)
+    assert torch.allclose(toy.lin(x), y, atol=1e-5)
