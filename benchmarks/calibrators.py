@@ -85,7 +85,7 @@ def quality(images: torch.Tensor, fp: torch.Tensor, real: torch.Tensor, prompts:
     }
 
 
-def run_model(name: str, args, clip) -> dict:
+def run_model(name: str, args, clip, save=lambda result: None) -> dict:
     device = torch.device(args.device)
     prompts = reference.prompts("heldout", args.prompts)
     real = to_float(reference.real_samples(prompts))
@@ -117,9 +117,16 @@ def run_model(name: str, args, clip) -> dict:
             row = {"precision": precision, "method": method, "recipe": recipe.to_dict(), "calib_s": calib_s,
                    "peak_mem_bytes": peak.bytes, "peak_mem_source": peak.source, **quality(images, fp, real, prompts, clip)}
             result["rows"].append(row)
+            _summarise(result, fp_quality, args.precisions)
+            save(result)  # partial results survive an interrupted run
             print(f"{name} {precision} {method:<20} FIDvsFP {row['fid_vs_fp']:.3f} PSNR {row['psnr']:.2f} calib {calib_s:.0f}s", flush=True)
             del pipe
-    for precision in args.precisions:
+    return result
+
+
+def _summarise(result: dict, fp_quality: dict, precisions: list[str]) -> None:
+    """Deltas to FP, and the fraction of RTN's FID-vs-FP degradation each method removes."""
+    for precision in precisions:
         rows = [r for r in result["rows"] if r["precision"] == precision]
         rtn = next((r for r in rows if r["method"] == "rtn-minmax"), None)
         for r in rows:
@@ -127,7 +134,6 @@ def run_model(name: str, args, clip) -> dict:
             r["clip_delta"] = None if r["clip"] is None else r["clip"] - fp_quality["clip"]
             if rtn is not None and rtn["fid_vs_fp"]:
                 r["degradation_removed"] = 1 - r["fid_vs_fp"] / rtn["fid_vs_fp"]
-    return result
 
 
 def _fmt(v, spec: str) -> str:
@@ -179,10 +185,15 @@ def main() -> None:
     }
     stem = Path(args.out) if args.out else RESULTS / f"calibrators_{torch.device(args.device).type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(model_result: dict | None = None, name: str | None = None) -> None:
+        if model_result is not None:
+            results["models"][name] = model_result
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        stem.with_suffix(".md").write_text(markdown(results))
+
     for name in args.models:
-        results["models"][name] = run_model(name, args, clip)
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")  # partial results survive
-    stem.with_suffix(".md").write_text(markdown(results))
+        save(run_model(name, args, clip, save=lambda r, n=name: save(r, n)), name)
     print(markdown(results))
 
 

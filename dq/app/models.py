@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import logging
 import threading
 import time
@@ -196,6 +197,8 @@ class PipelineCache:
                 "sampling); start the app with --calib-* flags to choose.", recipe, model, model,
             )
             calib = CalibConfig(prompts=list(reference.prompts("train", video=video)))
+        if "clean_caption" in inspect.signature(pipe.__call__).parameters:
+            defaults["clean_caption"] = False  # as in generation: needs bs4 + ftfy, else warns on every call
         return dataclasses.replace(calib, pipeline_kwargs={**defaults, **calib.pipeline_kwargs})
 
 

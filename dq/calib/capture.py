@@ -135,7 +135,7 @@ def capture_layers(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Inputs (and outputs) of the named layers over the calibration data, flattened to [rows, features].
 
-    Each layer keeps at most `max_rows` rows (a uniform subsample of every batch once full), so
+    Each layer keeps at most `max_rows` rows (a random subsample of the pool once full), so
     memory is bounded by len(names) * max_rows * features, whatever the data size. The model runs in
     float unless `quantized`.
 
@@ -154,12 +154,15 @@ def capture_layers(
 
     def make_hook(name: str, conv: bool):
         def hook(mod, args, out):
-            x = rows_of(args[0], conv)
-            keep = torch.randperm(x.shape[0], generator=gen)[: max(max_rows // 8, 1)] if x.shape[0] > max_rows // 8 else None
-            store[name][0].append(x if keep is None else x[keep])
+            xs, ys = store[name]
+            xs.append(rows_of(args[0], conv))
             if outputs:
-                y = rows_of(out, conv)
-                store[name][1].append(y if keep is None else y[keep])
+                ys.append(rows_of(out, conv))
+            if sum(x.shape[0] for x in xs) > max_rows:  # over the cap: keep a random max_rows of the pool
+                keep = torch.randperm(sum(x.shape[0] for x in xs), generator=gen)[:max_rows]
+                store[name][0] = [torch.cat(xs)[keep]]
+                if outputs:
+                    store[name][1] = [torch.cat(ys)[keep]]
         return hook
 
     handles = []
@@ -170,8 +173,6 @@ def capture_layers(
         with quant_state(denoiser, weights=quantized, acts=quantized):
             for _, args, kwargs in data.batches(batch_size):
                 denoiser(*to_device(args, device, dtype), **to_device(kwargs, device, dtype))
-                if all(sum(x.shape[0] for x in store[n][0]) >= max_rows for n in names):
-                    break
     finally:
         for h in handles:
             h.remove()

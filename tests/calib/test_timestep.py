@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dq.calib.collect import CalibData, CalibSample
-from dq.calib.timestep import attach_timestep_hook, calibrate_activations, group_ranges, nearest_group
+from dq.calib.timestep import calibrate_activations, group_ranges, nearest_group
 from dq.errors import DQError
 from dq.nn import QuantLinear
 from dq.quant import PerChannel, PerTensor, QuantSpec, fake_quantize
