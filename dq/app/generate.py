@@ -1,4 +1,4 @@
-"""The app's work without the UI: generate one prompt with every variant, time it, and score it against FP.
+"""The app's work without the UI: generate one prompt with every variant, time it, score it against FP.
 
 Every variant draws its initial noise from the same CPU generator seeded with the request's seed, so the FP
 image and each quantized image differ only by quantization (and caching). A step cache is enabled just for the
@@ -7,8 +7,9 @@ variant's call and removed afterwards, so cached and uncached variants share one
 Timing: the first call of a freshly built pipeline is preceded by an untimed 1-step call of the same shape
 (allocator growth, kernel selection, autotuning). Latency per image is the wall time of the call; latency per
 step is the denoiser's total time divided by the steps (a mean, not a median, so steps a cache makes cheap
-count; pipelines that run CFG as two calls count both). Peak memory comes from ``dq.metrics.peak_memory``: the CUDA allocator's peak on GPU, the process peak
-RSS on CPU; both cover everything resident in the process, including the other loaded variants.
+count; pipelines that run CFG as two calls count both). Peak memory comes from ``dq.metrics.peak_memory``:
+the CUDA allocator's peak on GPU, the process peak RSS on CPU; both cover everything resident in the process,
+including the other loaded variants.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from dq.app.defaults import is_video_pipeline, model_defaults, reference_names
+from dq.app.defaults import is_video_pipeline, model_defaults
 from dq.app.models import BuiltVariant, PipelineCache
 from dq.app.variants import VariantSpec, parse_variants
 from dq.errors import DQError
@@ -328,16 +329,17 @@ def format_bytes(value: Optional[int]) -> str:
 
 
 def results_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Headers and one row per variant: latency, speed-up, memory, weight size, PSNR and LPIPS vs FP.
+    """Headers and one row per variant: latency per image and per step, speed-up, peak memory, denoiser weight
+    size, and PSNR and LPIPS of the variant's image against the FP image.
 
     Example:
         >>> headers, rows = results_table(comparison)
-        >>> dict(zip(headers, rows[1]))["PSNR vs FP (dB)"]
+        >>> dict(zip(headers, rows[1]))["PSNR (dB)"]
         '31.42'
     """
     headers = [
-        "variant", "latency / image (s)", "latency / step (ms)", "denoiser calls", "speed-up vs FP",
-        "peak memory (MiB)", "denoiser weights (MiB)", "weights vs FP", "PSNR vs FP (dB)", "LPIPS vs FP",
+        "variant", "latency (s)", "per step (ms)", "speed-up", "peak mem (MiB)", "weights (MiB)", "weights vs FP",
+        "PSNR (dB)", "LPIPS",
     ]
     fp = comparison.fp
     rows = []
@@ -348,7 +350,6 @@ def results_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
             r.spec.name,
             f"{r.seconds:.3f}",
             "n/a" if per_step is None else f"{per_step * 1000:.2f}",
-            str(len(r.step_seconds)),
             f"{fp.seconds / r.seconds:.2f}x" if r.seconds > 0 else "n/a",
             format_bytes(r.peak_memory_bytes),
             format_bytes(r.weight_bytes),

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from dq.app.generate import Comparer, Comparison, GenerationRequest, reference_names, results_table
+from dq.app.defaults import reference_names
+from dq.app.generate import Comparer, Comparison, GenerationRequest, results_table
 from dq.app.media import MediaDir, display_image, middle_frame, side_by_side
 from dq.app.models import PipelineCache
 from dq.app.variants import FP, cache_choices, compose_variants, recipe_choices
@@ -167,7 +168,7 @@ class GenerateHandler:
             f"**{req.model}** · {size} · {req.steps} steps · seed {req.seed} · {comparison.device} · "
             f"slider: FP vs **{target}**",
             f"Peak memory: {comparison.fp.memory_source.replace('_', ' ')} (all loaded variants included); "
-            "latency / step: denoiser time / steps.",
+            "latency: one image (or clip); per step: denoiser time / steps.",
         ]
         lines += [f"- {note}" for note in comparison.notes]
         return "\n\n".join(lines)
@@ -282,15 +283,15 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
                     )
                 run = gr.Button("Generate", variant="primary", elem_id="dq-generate")
                 gr.Examples([[p] for p in prompts], inputs=[prompt], label="Prompts")
-            with gr.Column(scale=3):
+            with gr.Column(scale=4):
                 slider = gr.ImageSlider(label="FP vs quantized", type="pil", format="png", elem_id="dq-slider", buttons=["download", "fullscreen"])
                 clip = gr.Image(label="Clips side by side: FP | variant", type="filepath", visible=False,
                                 buttons=["download", "fullscreen"])
-                gallery = gr.Gallery(label="Every variant", columns=4, format="png", object_fit="contain", height=300,
-                                     buttons=["download", "fullscreen"])
-                table = gr.Dataframe(label="Cost and fidelity per variant", interactive=False, elem_id="dq-table",
-                                     wrap=True)
+                table = gr.Dataframe(label="Cost per variant; PSNR and LPIPS of its image against FP",
+                                     interactive=False, elem_id="dq-table", wrap=True)
                 status = gr.Markdown(elem_id="dq-status")
+                gallery = gr.Gallery(label="Every variant", columns=4, format="png", object_fit="contain",
+                                     buttons=["download", "fullscreen"])
 
         inputs = [model, prompt, negative, seed, steps, guidance, height, width, frames, recipe_box, cache_box, extra,
                   compare]
@@ -303,7 +304,6 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
             box.change(compare_choices, [recipe_box, cache_box, extra, compare], compare,
                        api_name=f"compare_choices_{name}", api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1)
-    demo.dq_handler = handler  # tests and the screenshot script reach the cache through this
     return demo
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from typing import Any, Callable
@@ -195,6 +196,24 @@ class UnitResult:
     errors: dict = field(default_factory=dict)
 
 
+@contextmanager
+def _intra_op_threads(n: int):
+    """Temporarily set torch's intra-op threads (small GEMMs run faster on one thread, notably on a busy CPU)."""
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# Below this many weight elements a unit's GEMMs are too small to gain from several threads.
+SMALL_UNIT = 1 << 20
+
+
 @torch.no_grad()
 def calibrate_unit(
     layers: list[SVDQLinear],
@@ -209,6 +228,12 @@ def calibrate_unit(
         >>> layer = SVDQLinear.from_float(linear, w4, a4, rank=32)
         >>> calibrate_unit([layer], x_calib, x_calib.abs().amax(0), SVDQuantOptions())
     """
+    small = sum(layer.in_features * layer.out_features for layer in layers) < SMALL_UNIT
+    with _intra_op_threads(1 if small else torch.get_num_threads()):
+        return _calibrate_unit(layers, x, x_span, options, names)
+
+
+def _calibrate_unit(layers, x, x_span, options, names) -> UnitResult:
     t0 = time.perf_counter()
     weights = [layer.float_weight().detach() for layer in layers]
     sizes = [w.shape[0] for w in weights]

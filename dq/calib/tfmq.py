@@ -21,6 +21,7 @@ The paper reports TFMQ about 2x faster to calibrate than BRECQ on LDM Bedrooms.
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -99,10 +100,15 @@ def _fits(spec: Any, in_features: int) -> bool:
 
 
 def quantize_tib_layers(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, recipe: Any) -> list[str]:
-    """Swap in the TIB layers the walker's default skip list kept in float; returns the added names."""
+    """Swap in the TIB layers the walker's default skip list kept in float; returns the added names.
+
+    The recipe's own `skip` and `only` patterns still apply: only dq's default skip list is overridden.
+    """
     plans = {}
     for name in tib.layers:
-        if name in layers:
+        if name in layers or any(fnmatch(name, p) for p in recipe.skip):
+            continue
+        if recipe.only and not any(fnmatch(name, p) for p in recipe.only):
             continue
         module = denoiser.get_submodule(name)
         kind = FLOAT_LAYER_KIND.get(type(module))

@@ -28,7 +28,7 @@ def _training_set(args) -> tuple[list[str], torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = training.parser(__doc__, clip.CLIP_DIR, steps=2000, batch_size=128, lr=1e-3, samples=16000)
+    p = training.parser(__doc__, clip.CLIP_DIR, steps=3000, batch_size=256, lr=1e-3, samples=16000)
     args = p.parse_args(argv)
     training.setup(args)
     import open_clip

@@ -30,7 +30,7 @@ def build_pipeline(vae_dir: Path, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-pixart", steps=6000, batch_size=64, lr=5e-4, samples=30000)
+    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-pixart", steps=7000, batch_size=128, lr=5e-4, samples=30000)
     p.add_argument("--vae", type=Path, default=training.BUILD_DIR / "vae-image", help="trained image VAE")
     args = p.parse_args(argv)
     training.setup(args)

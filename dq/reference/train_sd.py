@@ -43,7 +43,7 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-sd", steps=6000, batch_size=64, lr=1e-3, samples=30000)
+    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-sd", steps=7000, batch_size=128, lr=1e-3, samples=30000)
     p.add_argument("--vae", type=Path, default=training.BUILD_DIR / "vae-image", help="trained image VAE")
     args = p.parse_args(argv)
     training.setup(args)

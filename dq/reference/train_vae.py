@@ -8,6 +8,8 @@ each pipeline, where they are committed.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import components, training
@@ -24,11 +26,12 @@ def _latent_stats(vae, data: torch.Tensor, video: bool) -> tuple[torch.Tensor, t
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = training.parser(__doc__, training.BUILD_DIR / "vae-image", steps=1000, batch_size=32, lr=1e-3, samples=8000)
+    video = "--video" in (sys.argv[1:] if argv is None else argv)
+    out = training.BUILD_DIR / ("vae-video" if video else "vae-image")
+    steps, batch_size, samples = (2000, 16, 3000) if video else (2500, 64, 10000)
+    p = training.parser(__doc__, out, steps=steps, batch_size=batch_size, lr=1e-3, samples=samples)
     p.add_argument("--video", action="store_true", help="train the Wan video VAE on clips")
     args = p.parse_args(argv)
-    if args.video and args.out == training.BUILD_DIR / "vae-image":
-        args.out = training.BUILD_DIR / "vae-video"
     training.setup(args)
 
     vae = components.video_vae(args.seed) if args.video else components.image_vae(args.seed)

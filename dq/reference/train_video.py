@@ -44,7 +44,7 @@ def encode_clips(vae, clips: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-video", steps=5000, batch_size=32, lr=5e-4, samples=3000)
+    p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-video", steps=5000, batch_size=64, lr=5e-4, samples=3000)
     p.add_argument("--vae", type=Path, default=training.BUILD_DIR / "vae-video", help="trained Wan VAE")
     args = p.parse_args(argv)
     training.setup(args)

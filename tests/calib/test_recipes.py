@@ -23,6 +23,8 @@ def test_recipe_quantizes_saves_and_reloads(name, tmp_path):
     assert recipe.needs_data and recipe.source and recipe.description
     options = {k: v for k, v in FAST.items() if k in recipe.options}
     recipe = dataclasses.replace(recipe, options={**recipe.options, **options})
+    if name in ("w4a8-qdiffusion", "w4a8-tfmq"):  # reconstruction replays per unit: one decoder block keeps it fast
+        recipe = dataclasses.replace(recipe, only=("up_blocks.1.*", "time_embedding.*"))
     pipe, cfg = tiny_sd_calib(steps=2, samples=2, sampling={"w8a8-ptq4dm": "ndtc", "w4a8-qdiffusion": "uniform"}.get(name, "all"))
     kwargs = dict(cfg.pipeline_kwargs, num_inference_steps=3, output_type="latent")  # 3 steps: unseen timesteps
     ref = run(pipe, kwargs)
