@@ -1,7 +1,6 @@
 """dq: quantization for diffusers pipelines. `import dq` registers dq as a diffusers quantization backend."""
 
-from dq.cache import disable_cache
-from dq.cache import enable_cache
+from dq.cache import disable_cache, enable_cache
 from dq.calib.collect import CalibConfig
 from dq.errors import DQError
 from dq.pipelines import DQConfig, QuantReport, quantize, register_backend
