@@ -40,8 +40,8 @@ def attach_quantizer(model: torch.nn.Module, recipe: Any) -> None:
     enable_lora(model)  # LoRA loading validates and runs adapters inside SVDQ branches (dq.pipelines.lora)
 
 
-def _checkpoint_tensors(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """Shape and dtype of every tensor in safetensors checkpoint files, read from their headers only."""
+def _checkpoint_tensors(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None, str]]:
+    """Shape, dtype and file of every tensor in safetensors checkpoint files, read from their headers only."""
     found = {}
     for path in checkpoint_files or []:
         if not str(path).endswith(".safetensors"):
@@ -49,7 +49,7 @@ def _checkpoint_tensors(checkpoint_files: list[str]) -> dict[str, tuple[tuple[in
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 sl = f.get_slice(key)
-                found[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
+                found[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()), str(path))
     return found
 
 
@@ -61,7 +61,7 @@ class DQQuantizer(DiffusersQuantizer):
 
     def __init__(self, quantization_config: DQConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
-        self._checkpoint: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+        self._checkpoint: dict[str, tuple[tuple[int, ...], torch.dtype | None, str]] = {}
         self._quantized_prefixes: tuple[str, ...] = ()
 
     # -- loading a pre-quantized checkpoint ------------------------------------------------------
@@ -88,7 +88,7 @@ class DQQuantizer(DiffusersQuantizer):
         if not self._checkpoint:
             return
         expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k.startswith(self._quantized_prefixes)}
-        found = {k: v for k, v in self._checkpoint.items() if k.startswith(self._quantized_prefixes)}
+        found = {k: v[:2] for k, v in self._checkpoint.items() if k.startswith(self._quantized_prefixes)}
         problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
         problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
         for k in sorted(set(expected) & set(found)):
@@ -113,10 +113,17 @@ class DQQuantizer(DiffusersQuantizer):
         return True
 
     def create_quantized_param(self, model, param_value, param_name: str, target_device, state_dict, unexpected_keys, **kwargs) -> None:
-        """dq tensors load exactly as stored: no dtype cast, so a reload is bit-identical."""
+        """dq tensors load exactly as stored, so a reload is bit-identical.
+
+        diffusers casts floating tensors to the requested `dtype` before this hook (fp16 scales to bf16
+        would lose bits), so a cast tensor is read again from the checkpoint file.
+        """
         module_name, _, tensor_name = param_name.rpartition(".")
         module = model.get_submodule(module_name)
         current = module._buffers.get(tensor_name)
+        if current is not None and current.dtype != param_value.dtype and param_name in self._checkpoint:
+            with safe_open(self._checkpoint[param_name][2], framework="pt") as f:
+                param_value = f.get_tensor(param_name)
         if current is None or current.dtype != param_value.dtype or current.shape != param_value.shape:
             raise DQError(f"checkpoint tensor {param_name} ({param_value.dtype}, {list(param_value.shape)}) does not match the quantized layer.")
         module._buffers[tensor_name] = param_value.to(target_device)

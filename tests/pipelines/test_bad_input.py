@@ -147,3 +147,13 @@ def test_pipeline_quantization_config_backend(tmp_path):
     assert pipe.transformer.is_quantized
     with pytest.raises(dq.DQError, match="components_to_quantize"):
         PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"recipe": "w4a16"})._resolve_quant_config(is_diffusers=False, module_name="text_encoder")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reload_with_dtype_keeps_packed_tensors_exact(saved_transformer, dtype):
+    """from_pretrained(dtype=...) casts float tensors; dq's scales must still load bit-exactly."""
+    reference = PixArtTransformer2DModel.from_pretrained(saved_transformer)
+    model = PixArtTransformer2DModel.from_pretrained(saved_transformer, dtype=dtype)
+    ref_sd, sd = reference.state_dict(), model.state_dict()
+    scales = [k for k in sd if k.endswith("weight_scale")]
+    assert scales and all(sd[k].dtype == torch.float16 and torch.equal(sd[k], ref_sd[k]) for k in scales)
