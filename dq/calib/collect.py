@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq import reference
 from dq.calib.state import quant_state
 from dq.calib.timestep import timestep_of
 from dq.errors import DQError
@@ -393,7 +394,9 @@ def _run(pipe: Any, denoiser: nn.Module, prompts: list[str], config: CalibConfig
 
 
 def _call_kwargs(pipe: Any, config: CalibConfig, batch: list[str], start: int, device: torch.device) -> dict:
-    kw = dict(config.pipeline_kwargs)
+    # A reference pipeline runs at its own size (the stock defaults target 512px+ checkpoints).
+    name = reference.name_of(pipe)
+    kw = {**(reference.generation_kwargs(name) if name else {}), **config.pipeline_kwargs}
     kw.update(num_inference_steps=config.steps, output_type="latent")
     kw["generator"] = torch.Generator(device="cpu").manual_seed(config.seed + start)
     if config.guidance_scale is not None:

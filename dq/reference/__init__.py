@@ -37,6 +37,7 @@ __all__ = [
     "generation_kwargs",
     "is_video",
     "load",
+    "name_of",
     "names",
     "path",
     "prompts",
@@ -97,6 +98,15 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     pipe = pipeline_cls.from_pretrained(directory, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def name_of(pipe) -> str | None:
+    """The reference name a pipeline was loaded from (by its directory), or None for any other pipeline."""
+    source = getattr(pipe, "name_or_path", None)
+    if not source:
+        return None
+    resolved = Path(source).resolve()
+    return next((name for name in names() if path(name).resolve() == resolved), None)
 
 
 def prompts(split: str = "heldout", n: int | None = None, video: bool = False) -> list[str]:
