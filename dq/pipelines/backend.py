@@ -53,6 +53,23 @@ def _checkpoint_tensors(checkpoint_files: list[str]) -> dict[str, tuple[tuple[in
     return found
 
 
+@torch.no_grad()
+def _realign(model: torch.nn.Module, alignment: int = 64) -> None:
+    """Copy CPU tensors that sit at unaligned offsets of the memory-mapped checkpoint.
+
+    CPU BLAS picks its reduction order by pointer alignment, so an unaligned weight gives results that
+    differ in the last bit from the same weight freshly allocated: a reload would not be bit-identical.
+    """
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        store[name] = tensor.clone()
+
+
 class DQQuantizer(DiffusersQuantizer):
     """Rebuilds dq-quantized layers before weights load (pre-quantized), or quantizes after (data-free)."""
 
@@ -133,6 +150,7 @@ class DQQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             from dq.calib.timestep import attach_timestep_hook
 
+            _realign(model)
             attach_timestep_hook(model)  # per-timestep activation scales select their group per call
             enable_lora(model)
             return model

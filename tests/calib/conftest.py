@@ -6,15 +6,6 @@ import torch
 from calib_fixtures import tiny_sd_calib
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP barriers dominate small ops."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="session")
 def sd_all_data():
     """Tiny SD pipeline, its config and the data of every step (2 prompts x 4 steps, CFG)."""

@@ -23,12 +23,8 @@ PROMPTS = [
 
 @pytest.fixture(autouse=True)
 def offline_torch_home(tmp_path, monkeypatch):
-    """No test sees (or fills) a real weights cache; one CPU thread keeps runs fast and bit-reproducible."""
+    """No test sees (or fills) a real weights cache (tests/conftest.py sets one CPU thread)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_sd(path: Path) -> Path:

@@ -4,34 +4,20 @@ INT outputs (activation codes, scales, integer GEMM sums) must match exactly; fl
 rel. Frobenius error 1e-5 (fp32) or 4e-3 (bf16: output rounding + bf16 low-rank intermediate).
 """
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates, so before the kernel modules load
-
 import pytest
 import torch
 
 from dq.errors import DQError
+from dq.kernels import tuning
+from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT8, quantize_activations
+from dq.kernels.reference import quantized_linear_reference
+from dq.kernels.w4a4_gemm import w4_gemm, w4a4_linear, w4a8_linear
+from dq.kernels.w4a16_gemm import w4a16_linear
+from dq.kernels.w8a8_gemm import w8a8_linear
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, fake_quantize, pack_4bit, quantize, weight_scales
 from dq.quant.storage import encode_codes
 
-_MODS = ["dq.kernels.epilogue", "dq.kernels.tuning", "dq.kernels.act_quant", "dq.kernels.w4a4_gemm",
-         "dq.kernels.w8a8_gemm", "dq.kernels.w4a16_gemm"]
-for _m in _MODS:  # another test may have imported them without the interpreter: load them again
-    if _m in sys.modules and type(getattr(sys.modules[_m], "round_half_even", None) or 0).__name__ == "JITFunction":
-        importlib.reload(sys.modules[_m])
-mods = [importlib.import_module(m) for m in _MODS]
-if any(_m in sys.modules for _m in _MODS[2:]):
-    for _m in _MODS:
-        importlib.reload(sys.modules[_m])
-from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT8, quantize_activations  # noqa: E402
-from dq.kernels.reference import quantized_linear_reference  # noqa: E402
-from dq.kernels.w4a4_gemm import w4_gemm, w4a4_linear, w4a8_linear  # noqa: E402
-from dq.kernels.w4a16_gemm import w4a16_linear  # noqa: E402
-from dq.kernels.w8a8_gemm import w8a8_linear  # noqa: E402
-from dq.kernels import tuning  # noqa: E402
+# tests/conftest.py sets TRITON_INTERPRET=1 before dq.kernels is imported, so these run on the CPU.
 
 
 def rel(a, b):

@@ -17,6 +17,7 @@ RECIPES = ("w8a8", "w4a16", "w4a8", "w4a4")
 
 RELOAD_SCRIPT = """
 import sys, torch, dq
+torch.set_num_threads({threads})  # the parent's count: same float reductions, same codes
 sys.path.insert(0, {tests!r})
 from tiny_pipelines import load, run
 for directory in sys.argv[1:]:
@@ -42,7 +43,7 @@ def saved(tmp_path_factory):
             pipe.save_pretrained(directory)
             torch.save(kwargs, directory / "inputs.pt")
             results[family, recipe] = (report, out, directory)
-    script = RELOAD_SCRIPT.format(tests=str(Path(__file__).parents[1]))
+    script = RELOAD_SCRIPT.format(tests=str(Path(__file__).parents[1]), threads=torch.get_num_threads())
     dirs = [str(d) for _, _, d in results.values()]
     proc = subprocess.run([sys.executable, "-c", script, *dirs], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
