@@ -13,6 +13,7 @@ Construct metrics before generating images: a missing local weights file raises 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -47,11 +48,11 @@ class PerImageMetric(Metric):
         self.unavailable: Optional[str] = None
         self._next_id = 0
 
+    @abstractmethod
     def _scores(
         self, images: Images, reference: Optional[Images], prompts: Optional[Sequence[str]]
     ) -> torch.Tensor:
         """Return a float tensor ``(N,)`` with one score per image."""
-        raise NotImplementedError
 
     def update(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from abc import abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
@@ -47,9 +48,9 @@ class PairedImageMetric(PerImageMetric):
             )
         return self._pair_scores(preds, target)
 
+    @abstractmethod
     def _pair_scores(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return one score per pair of float ``(N, 3, H, W)`` batches in ``[0, 1]``."""
-        raise NotImplementedError
 
 
 @METRICS.register("psnr")
