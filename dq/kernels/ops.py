@@ -35,10 +35,9 @@ def w4_linear(
 ) -> Tensor:
     """INT4 weights (groups of group_size along K) with INT4 (act_bits=4, same groups) or INT8 per-token activations."""
     if x.is_cuda:
-        from dq.kernels.w4a4_gemm import w4a4_linear, w4a8_linear
+        from dq.kernels.w4a4_gemm import w4_linear as triton_w4_linear
 
-        fn = w4a4_linear if act_bits == 4 else w4a8_linear
-        return fn(x, qweight, weight_scale, bias, group_size, smooth, lora_down, lora_up)
+        return triton_w4_linear(x, qweight, weight_scale, bias, group_size, act_bits, smooth, lora_down, lora_up)
     spec = QuantSpec("int4", PerToken(group_size)) if act_bits == 4 else QuantSpec("int8", PerToken())
     return _reference(x, qweight, weight_scale, bias, smooth, lora_down, lora_up, "int4", spec)
 

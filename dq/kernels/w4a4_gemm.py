@@ -143,35 +143,23 @@ def w4_gemm(
     return c
 
 
-def w4a4_linear(
+def w4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
+    act_bits: int,
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = Q4(x/s) deq(W)^T + ((x/s) L_down^T) L_up^T + b for a 2-D x: two launches (quantize, GEMM)."""
+    """y = Q(x/s) deq(W)^T + ((x/s) L_down^T) L_up^T + b for a 2-D x: two launches (quantize, GEMM).
+
+    act_bits=4: INT4 activations per token and group of `group_size` (W4A4); 8: INT8 per token (W4A8).
+    """
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
-    q, qs, lora_act = quantize_activations(x, FMT_INT4, group_size, smooth, lora_down)
-    return w4_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size)
-
-
-def w4a8_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same as w4a4_linear with per-token INT8 activations."""
-    if lora_down is not None and lora_down.shape[0] == 0:
-        lora_down = lora_up = None
-    q, qs, lora_act = quantize_activations(x, FMT_INT8, None, smooth, lora_down)
+    fmt, act_group = (FMT_INT4, group_size) if act_bits == 4 else (FMT_INT8, None)
+    q, qs, lora_act = quantize_activations(x, fmt, act_group, smooth, lora_down)
     return w4_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size)

@@ -11,11 +11,21 @@ from dq.errors import DQError
 from dq.kernels import tuning
 from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT8, quantize_activations
 from dq.kernels.reference import quantized_linear_reference
-from dq.kernels.w4a4_gemm import w4_gemm, w4a4_linear, w4a8_linear
+from dq.kernels.w4a4_gemm import w4_gemm, w4_linear
 from dq.kernels.w4a16_gemm import w4a16_linear
 from dq.kernels.w8a8_gemm import w8a8_linear
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, fake_quantize, pack_4bit, quantize, weight_scales
 from dq.quant.storage import encode_codes
+
+
+
+def w4a4_linear(x, qweight, weight_scale, bias, group_size, *rest):
+    return w4_linear(x, qweight, weight_scale, bias, group_size, 4, *rest)
+
+
+def w4a8_linear(x, qweight, weight_scale, bias, group_size, *rest):
+    return w4_linear(x, qweight, weight_scale, bias, group_size, 8, *rest)
+
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before dq.kernels is imported, so these run on the CPU.
 
