@@ -109,7 +109,6 @@ def test_parse_variants_adds_fp_and_rejects_unknown_recipes():
         parse_variants(["no-such-recipe"])
 
 
-@pytest.mark.skipif(not cache_choices(), reason="this dq build has no dq.cache")
 def test_cache_variants_come_from_the_cache_registry():
     from dq.cache import CACHE_METHODS
 
@@ -230,7 +229,6 @@ def test_handler_returns_widget_values_and_turns_dqerrors_into_gr_errors(sd_mode
         handler(sd_model, " ", "", 0, STEPS, None, None, None, None, [], [], "", "")
 
 
-@pytest.mark.skipif("deepcache" not in cache_choices(), reason="this dq build has no deepcache")
 def test_cache_variants_reuse_the_quantized_pipeline_and_remove_their_hooks(sd_model, comparer):
     from dq.cache.handle import handle_of
 

@@ -42,11 +42,9 @@ def recipe_choices() -> list[str]:
 
 
 def cache_choices() -> list[str]:
-    """Cache methods registered in dq.cache, or an empty list when this dq build has no dq.cache."""
-    try:
-        from dq.cache import CACHE_METHODS
-    except ImportError:
-        return []
+    """Cache methods registered in dq.cache."""
+    from dq.cache import CACHE_METHODS
+
     return CACHE_METHODS.names()
 
 
@@ -81,12 +79,8 @@ def parse_variant(name: str) -> VariantSpec:
         recipe = None if head == FP else head
         cache = None
     else:
-        try:
-            from dq.cache import parse_variant as parse_cache_variant
-        except ImportError:
-            raise DQError(
-                f"variant {name!r} asks for a step cache, but this dq build has no dq.cache; drop the '+...' part."
-            ) from None
+        from dq.cache import parse_variant as parse_cache_variant
+
         recipe, cache = parse_cache_variant(name)
     if recipe is not None:
         load_recipe(recipe)  # raises a DQError naming the bundled recipes

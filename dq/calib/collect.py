@@ -235,24 +235,12 @@ def bundled_prompt_sets() -> list[str]:
     return sorted(p.stem for p in PROMPT_DIR.glob("*.txt"))
 
 
-def reference_available() -> bool:
-    try:
-        import dq.reference as ref
-    except ImportError:
-        return False
-    return callable(getattr(ref, "prompts", None))
-
-
 def resolve_prompts(config: CalibConfig) -> list[str]:
     """The `samples` prompts of the config (cycled), or a DQError when there are none."""
     p = config.prompts
     if isinstance(p, str):
         if p == "reference":
-            if not reference_available():
-                raise DQError("prompts='reference' needs dq.reference (the bundled reference domain), which is not available.")
-            import dq.reference as ref
-
-            prompts = list(ref.prompts("train"))
+            prompts = list(reference.prompts("train"))
         elif (PROMPT_DIR / f"{p}.txt").is_file():
             prompts = _read_lines(PROMPT_DIR / f"{p}.txt")
         elif Path(p).is_file():
@@ -439,9 +427,10 @@ def _load(path: Path) -> CalibData:
     return CalibData([CalibSample(**s) for s in blob["samples"]], blob["schedule"], blob["drawn"])
 
 
-def default_calib(recipe_name: str, sampling: str = "uniform") -> CalibConfig:
-    """The calibration set used when a data-driven recipe gets calib=None (logged at WARNING)."""
-    prompts = "reference" if reference_available() else "default"
+def default_calib(recipe_name: str, pipe: Any, sampling: str = "uniform") -> CalibConfig:
+    """The calibration set used when a data-driven recipe gets calib=None (logged at WARNING): the reference
+    domain's training prompts for a reference pipeline, the bundled general prompt set otherwise."""
+    prompts = "reference" if reference.name_of(pipe) else "default"
     logger.warning(
         "dq: recipe %r calibrates on data and got calib=None; using the bundled prompt set %r "
         "(pass calib=dq.CalibConfig(...) to choose).", recipe_name, prompts,
@@ -451,7 +440,7 @@ def default_calib(recipe_name: str, sampling: str = "uniform") -> CalibConfig:
 
 def calibration_data(context: Any, recipe: Any, sampling: str = "uniform") -> CalibData:
     """Collect (or load) the data for a calibrator: context.calib, or the bundled default set."""
-    config = context.calib if context.calib is not None else default_calib(recipe.name, sampling)
+    config = context.calib if context.calib is not None else default_calib(recipe.name, context.pipeline, sampling)
     if not isinstance(config, CalibConfig):
         raise DQError(f"calib must be a dq.CalibConfig, got {type(config).__name__}.")
     if config.sampling != sampling:

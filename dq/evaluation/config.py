@@ -96,13 +96,8 @@ def parse_cache_variant(name: str) -> tuple[Optional[str], Optional[str]]:
 
 def cache_config(name: str) -> Any:
     """The cache config of a ``recipe+cache`` variant, from dq.cache's parser."""
-    try:
-        from dq.cache import parse_variant
-    except ImportError:
-        raise DQError(
-            f"variant {name!r} asks for caching, but this dq build has no cache methods (dq.cache.parse_variant "
-            "is missing); drop the '+...' suffix."
-        ) from None
+    from dq.cache import parse_variant
+
     return parse_variant(name)[1]
 
 

@@ -96,10 +96,13 @@ def test_nan_inputs_name_input_and_step():
 
 
 def test_default_calibration_set_is_logged(caplog):
+    from dq import reference
     from dq.calib.collect import default_calib, resolve_prompts
 
     with caplog.at_level("WARNING"):
-        cfg = default_calib("w4a8-qdiffusion", sampling="ndtc")
+        cfg = default_calib("w4a8-qdiffusion", object(), sampling="ndtc")
     assert cfg.sampling == "ndtc" and "calib=None" in caplog.text
+    assert cfg.prompts == "default", "a pipeline outside the reference domain calibrates on the general prompt set"
+    assert default_calib("w4a8-qdiffusion", reference.load("ref-pixart")).prompts == "reference"
     assert len(resolve_prompts(cfg)) == cfg.samples
     assert len(resolve_prompts(CalibConfig(prompts="default", samples=5))) == 5
