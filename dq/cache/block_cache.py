@@ -92,17 +92,25 @@ def _sub(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None or b is None else a - b
 
 
-class RangeBlockHook(ModelHook):
-    """One block of the cached range: head stores inputs / applies the residual, tail stores the residual."""
+class BlockHook(ModelHook):
+    """A hook on one transformer block; reads the block's hidden states through diffusers' block metadata."""
 
-    def __init__(self, handle: CacheHandle, is_head: bool, is_tail: bool) -> None:
+    def __init__(self, handle: CacheHandle) -> None:
         super().__init__()
-        self.handle, self.is_head, self.is_tail = handle, is_head, is_tail
+        self.handle = handle
         self.meta: TransformerBlockMetadata | None = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self.meta = block_metadata(module)
         return module
+
+
+class RangeBlockHook(BlockHook):
+    """One block of the cached range: head stores inputs / applies the residual, tail stores the residual."""
+
+    def __init__(self, handle: CacheHandle, is_head: bool, is_tail: bool) -> None:
+        super().__init__(handle)
+        self.is_head, self.is_tail = is_head, is_tail
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.handle.state()

@@ -12,12 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusers.hooks._helpers import TransformerBlockMetadata
-from diffusers.hooks.hooks import ModelHook
 from torch import nn
 
-from dq.cache.block_cache import _outputs, _pack, _states, _sub
-from dq.cache.blocks import block_metadata, dit_blocks
+from dq.cache.block_cache import BlockHook, _outputs, _pack, _states, _sub
+from dq.cache.blocks import dit_blocks
 from dq.cache.config import CacheConfig, register_cache_method
 from dq.cache.handle import CacheHandle
 from dq.errors import DQError
@@ -53,17 +51,12 @@ class FirstBlockCacheConfig(CacheConfig):
             raise DQError(f"threshold must be >= 0, got {self.threshold}.")
 
 
-class FBCHeadHook(ModelHook):
+class FBCHeadHook(BlockHook):
     """The first block: always runs, decides whether the rest runs this step."""
 
     def __init__(self, handle: CacheHandle, threshold: float, max_cached: int | None) -> None:
-        super().__init__()
-        self.handle, self.threshold, self.max_cached = handle, threshold, max_cached
-        self.meta: TransformerBlockMetadata | None = None
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        self.meta = block_metadata(module)
-        return module
+        super().__init__(handle)
+        self.threshold, self.max_cached = threshold, max_cached
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.handle.state()
@@ -89,17 +82,12 @@ class FBCHeadHook(ModelHook):
         return _pack(self.meta, h + self.handle.reuse_feature(state, r_h), e if r_e is None or e is None else e + r_e)
 
 
-class FBCBlockHook(ModelHook):
+class FBCBlockHook(BlockHook):
     """A later block: runs when the head decided to compute (the tail stores the residual), else passes through."""
 
     def __init__(self, handle: CacheHandle, is_tail: bool) -> None:
-        super().__init__()
-        self.handle, self.is_tail = handle, is_tail
-        self.meta: TransformerBlockMetadata | None = None
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        self.meta = block_metadata(module)
-        return module
+        super().__init__(handle)
+        self.is_tail = is_tail
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.handle.state()
