@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from . import components, training
 from .tokenization import T5_MAX_LENGTH, t5_tokenizer
-from .train_sd import encode_images
 
 
 def build_pipeline(vae_dir: Path, seed: int):
@@ -37,10 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import DDPMScheduler
 
     pipe = build_pipeline(args.vae, args.seed)
-    captions, images = training.render_images(args.samples, args.seed)
-    latents = encode_images(pipe.vae.to(args.device), images)
-    pipe.vae.to("cpu")
-    unique, caption_ids = training.caption_index(captions)
+    latents, unique, caption_ids = training.image_training_set(pipe.vae, args)
     with torch.no_grad():
         # T5 attention is masked, so embeddings at length 16 equal those at the pipeline's 300.
         text, mask, _, _ = pipe.encode_prompt(unique, False, device="cpu", max_sequence_length=T5_MAX_LENGTH)

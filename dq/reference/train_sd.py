@@ -34,14 +34,6 @@ def build_pipeline(vae_dir: Path, seed: int):
     )
 
 
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Scaled VAE latents (posterior mean) of [-1, 1] images, in batches."""
-    device = vae.device
-    z = torch.cat([vae.encode(images[i : i + 256].to(device)).latent_dist.mean for i in range(0, len(images), 256)])
-    return z * vae.config.scaling_factor
-
-
 def main(argv: list[str] | None = None) -> None:
     p = training.parser(__doc__, training.WEIGHTS_DIR / "ref-sd", steps=7000, batch_size=128, lr=1e-3, samples=30000)
     p.add_argument("--vae", type=Path, default=training.BUILD_DIR / "vae-image", help="trained image VAE")
@@ -50,10 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import DDPMScheduler
 
     pipe = build_pipeline(args.vae, args.seed)
-    captions, images = training.render_images(args.samples, args.seed)
-    latents = encode_images(pipe.vae.to(args.device), images)
-    pipe.vae.to("cpu")
-    unique, caption_ids = training.caption_index(captions)
+    latents, unique, caption_ids = training.image_training_set(pipe.vae, args)
     with torch.no_grad():
         text = pipe.encode_prompt(unique, "cpu", 1, False)[0]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)

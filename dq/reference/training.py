@@ -62,6 +62,18 @@ def render_clips(n: int, seed: int, split: str = "train") -> tuple[list[str], to
     return captions, torch.from_numpy(np.stack(clips))
 
 
+@torch.no_grad()
+def image_training_set(vae, args: argparse.Namespace) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Render ``args.samples`` training images; return their scaled VAE latents (posterior mean, computed
+    and left on ``args.device``), the unique captions, and each sample's caption index."""
+    captions, images = render_images(args.samples, args.seed)
+    vae.to(args.device)
+    z = torch.cat([vae.encode(images[i : i + 256].to(args.device)).latent_dist.mean for i in range(0, len(images), 256)])
+    vae.to("cpu")
+    unique, caption_ids = caption_index(captions)
+    return z * vae.config.scaling_factor, unique, caption_ids
+
+
 def caption_index(captions: list[str]) -> tuple[list[str], torch.Tensor]:
     """Unique captions with ``""`` first (the unconditional prompt) and each sample's index into them."""
     unique = [""] + sorted(set(captions))
