@@ -34,6 +34,12 @@ class LowRank:
         """up @ down, [out, in] in float32."""
         return self.up.float() @ self.down.float()
 
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """w - up @ down in float32, in one pass over w."""
+        if self.rank == 0:
+            return w.float().clone()
+        return torch.addmm(w.float(), self.up.float(), self.down.float(), alpha=-1)
+
 
 def check_rank(rank: int, out_features: int, in_features: int, name: str = "layer") -> None:
     """DQError unless 0 <= rank <= min(out, in)."""
@@ -59,7 +65,7 @@ def low_rank(w: torch.Tensor, rank: int, method: str = "randomized", niter: int 
 
     Example:
         >>> lr = low_rank(torch.randn(256, 128), rank=32)
-        >>> residual = w - lr.product()
+        >>> residual = lr.residual(w)
     """
     out_f, in_f = w.shape
     check_rank(rank, out_f, in_f)
@@ -100,13 +106,13 @@ def refine_low_rank(
     w = w.float()
 
     def error(lr: LowRank) -> float:
-        r = w - lr.product()
+        r = lr.residual(w)
         return float((r - quantize(r)).pow(2).sum())
 
     best, best_err = lowrank, error(lowrank)
     current = lowrank
     for _ in range(iterations):
-        r = w - current.product()
+        r = current.residual(w)
         current = low_rank(w - quantize(r), lowrank.rank, method=method, niter=niter)
         err = error(current)
         if err < best_err:

@@ -169,6 +169,8 @@ def make_planner(defaults: dict) -> Callable[[nn.Module, Any, Any], None]:
 # -- calibrating one unit (a layer, or layers sharing their input) ---------------------------------------
 def _fake_quant_rows(r: torch.Tensor, sizes: list[int], spec: QuantSpec) -> torch.Tensor:
     """Min-max fake quantization of each layer's rows of a stacked residual, as each layer's quantizer does."""
+    if len(sizes) == 1:
+        return fake_quantize(r, spec)
     return torch.cat([fake_quantize(part, spec) for part in torch.split(r, sizes, dim=0)], dim=0)
 
 
@@ -252,7 +254,7 @@ def _calibrate_unit(layers, x, x_span, options, names) -> UnitResult:
         def score(s: torch.Tensor) -> float:
             ws = w * s
             lr = low_rank(ws, rank, method=options.svd, niter=niter)
-            rq = _fake_quant_rows(ws - lr.product(), sizes, wspec)
+            rq = _fake_quant_rows(lr.residual(ws), sizes, wspec)
             y = _quantized_output(xt, s, rq, lr, act, shift)
             return float((y - yt).pow(2).mean() / power)
 

@@ -34,9 +34,28 @@ def fake_quantize(
     if scale is None:
         lo, hi = dynamic_range(x.detach().float(), spec)
         scale, zero = scales_from_range(lo, hi, spec)
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        return _fake_quantize_no_grad(g, spec, scale, zero).reshape(shape).to(dtype)
     zero = torch.zeros_like(scale) if zero is None else zero
     q = grid_ste(g / scale + zero, spec)
     return ((q - zero) * scale).reshape(shape).to(dtype)
+
+
+def _fake_quantize_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """fake_quantize's values without autograd bookkeeping, in place: calibration searches call it on
+    whole weights many times. Bit-identical to the STE path (x + (round(x) - x) == round(x) exactly)."""
+    q = g / scale
+    if zero is not None:
+        q.add_(zero)
+    fmt = spec.fmt
+    if fmt.is_integer:
+        qmin, qmax = qrange(spec)
+        q.round_().clamp_(qmin, qmax)
+    else:
+        q = fmt.round(q.clamp_(-fmt.max_value, fmt.max_value))
+    if zero is not None:
+        q.sub_(zero)
+    return q.mul_(scale)
 
 
 def quantize(

@@ -106,6 +106,18 @@ def test_fake_quant_straight_through_gradient():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "int8", "fp8_e4m3", "fp4_e2m1"])
+@pytest.mark.parametrize("gran", [PerChannel(), PerGroup(16), PerToken(16)])
+def test_fake_quant_without_grad_equals_straight_through_path(fmt, gran):
+    """Calibration calls fake_quantize under no_grad on a fast path; its values must be the STE path's."""
+    spec = QuantSpec(fmt, gran, symmetric=not fmt.startswith("uint"))
+    x = torch.randn(24, 64) * torch.logspace(-3, 2, 64)
+    with_grad = fake_quantize(x.clone().requires_grad_(), spec).detach()
+    with torch.no_grad():
+        without = fake_quantize(x, spec)
+    assert torch.equal(with_grad, without)
+
+
 def test_scale_gets_gradient_for_step_size_learning():
     spec = QuantSpec("int8", PerTensor())
     scale = torch.tensor([[0.05]], requires_grad=True)
