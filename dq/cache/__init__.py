@@ -5,7 +5,9 @@ CACHE_METHODS; `enable_cache(pipe, name_or_config)` / `disable_cache(pipe)` are 
 """
 
 from dq.cache.api import (
+    CalibrationReplay,
     cache_stats,
+    calibration_replay,
     disable_cache,
     enable_cache,
     make_config,
@@ -25,6 +27,7 @@ __all__ = [
     "CACHE_METHODS",
     "CacheConfig",
     "CacheQuantConfig",
+    "CalibrationReplay",
     "DeepCacheConfig",
     "FirstBlockCacheConfig",
     "apply_block_cache",
@@ -32,6 +35,7 @@ __all__ = [
     "apply_first_block_cache",
     "cache_stats",
     "calibrate_cachequant",
+    "calibration_replay",
     "disable_cache",
     "dp_schedule",
     "enable_cache",

@@ -11,7 +11,7 @@ from torch import nn
 
 from dq.cache.config import CACHE_METHODS, CacheConfig, method_for
 from dq.cache.handle import HANDLE_ATTR, CacheHandle, Recorder, handle_of, install
-from dq.cache.state import CacheStats
+from dq.cache.state import REPLAY_KWARG, CacheStats, replay_state
 from dq.errors import DQError
 
 _DENOISER_ATTRIBUTES = ("transformer", "unet")
@@ -134,6 +134,40 @@ def recording(pipe: Any, recorder: Recorder, every_step: bool = False) -> Iterat
         yield handle
     finally:
         handle.recorder, handle.step_hook.force_refresh = old
+
+
+@dataclasses.dataclass
+class CalibrationReplay:
+    """Lets calibration see what the model sees on cached steps (cache-aware calibration).
+
+    While the FP pipeline runs for calibration data, `capture()` after each denoiser call returns that
+    call's cache state (step, refresh or cached, the reused tensors); a sample stores it in its kwargs
+    under `kwarg`, and replaying the sample through the denoiser pins that state, so the layers that
+    read the cached feature see it, and the skipped layers are not run, exactly as at inference.
+    """
+
+    handle: CacheHandle
+    kwarg: str = REPLAY_KWARG
+
+    def capture(self) -> dict[str, Any]:
+        return replay_state(self.handle.state())
+
+
+def calibration_replay(pipe: Any) -> CalibrationReplay | None:
+    """The replay of the cache enabled on the pipeline's denoiser, or None when none is enabled.
+
+    DQError for an adaptive cache (first-block-cache): whether a step is cached depends on the quantized
+    model's own features, so recorded FP decisions cannot stand for it.
+    """
+    handle = handle_of(denoiser_of(pipe))
+    if handle is None:
+        return None
+    if not handle.config.replayable:
+        raise DQError(
+            f"the {handle.config.method} cache decides at run time which steps to skip, so calibration cannot "
+            "replay its steps; call dq.disable_cache(pipe) before dq.quantize and enable it afterwards."
+        )
+    return CalibrationReplay(handle)
 
 
 def record_trajectory(pipe: Any, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:

@@ -113,6 +113,8 @@ class RangeBlockHook(BlockHook):
         self.is_head, self.is_tail = is_head, is_tail
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.handle.idle():
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.handle.state()
         h, e = _states(self.meta, args, kwargs)
         if state.refresh:

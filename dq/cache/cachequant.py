@@ -22,7 +22,7 @@ from torch import nn
 from dq.cache.api import denoiser_of, disable_cache, enable_cache, record_trajectory
 from dq.cache.block_cache import BlockCacheConfig, apply_block_cache
 from dq.cache.config import CacheConfig, register_cache_method
-from dq.cache.dec import LAYER_HOOK, OutputAffineHook, channel_affine_fit
+from dq.cache.dec import DEC_FITS, LAYER_HOOK, OutputAffineHook, channel_affine_fit
 from dq.cache.deepcache import DeepCacheConfig, apply_deepcache, plan_deepcache
 from dq.cache.handle import CacheHandle, FeatureCorrection
 from dq.cache.schedule import dp_schedule, l1_cost_matrix
@@ -155,7 +155,7 @@ def calibrate_cachequant(
     calls: list[dict[str, Any]],
     interval: int = 5,
     fp_pipe: Any = None,
-    dec: bool = True,
+    dec: str | None = "affine",
     **fields: Any,
 ) -> CacheQuantConfig:
     """Calibrate CacheQuant on `pipe` (quantized or not): DP refresh steps, then DEC.
@@ -167,7 +167,10 @@ def calibrate_cachequant(
         interval: N; the DP picks ceil(T/N) refresh steps with segments of length in [ceil(N/2), 2N].
         fp_pipe: the full-precision pipeline; its features are the target (cost ||F_i^fp - F_c^q||_1),
             and its layers give the FP outputs for the layer correction. None: `pipe` is its own target.
-        dec: fit the decoupled error correction.
+        dec: the decoupled error correction of the reused feature: "affine" (CacheQuant's per-channel
+            F_i ~ a F_c + b), "shift" (a = 1: the per-channel mean drift only, closer to FP on both
+            reference pipelines, see benchmarks/results/cache_cpu.md), or None (no DEC). The consumer
+            layers' quantization correction is fitted with either, when fp_pipe is given.
         fields: CacheQuantConfig fields (base, branch, blocks).
 
     Example:
@@ -176,6 +179,8 @@ def calibrate_cachequant(
     """
     if not calls:
         raise DQError("calibrate_cachequant needs at least one calibration call.")
+    if dec is not None and dec not in DEC_FITS:
+        raise DQError(f"unknown DEC fit {dec!r}; choose one of {sorted(DEC_FITS)} or None (no correction).")
     probe = CacheQuantConfig(interval=1, **fields)
     quant_traj = _trajectories(pipe, probe, calls)
     fp_traj = quant_traj if fp_pipe is None else _trajectories(fp_pipe, probe, calls)
@@ -186,7 +191,7 @@ def calibrate_cachequant(
     cost = sum(l1_cost_matrix(q, f) for q, f in zip(quant_traj, fp_traj)) / len(calls)
     refresh = dp_schedule(cost, interval)
     config = CacheQuantConfig(interval=interval, refresh_steps=refresh, num_inference_steps=num_steps, **fields)
-    if not dec:
+    if dec is None:
         return config
     channel_dim = 1 if config.base_config(denoiser_of(pipe)).method == "deepcache" else -1
     for step in range(num_steps):
@@ -195,7 +200,7 @@ def calibrate_cachequant(
             continue
         x = torch.cat([q[c] for q in quant_traj])
         y = torch.cat([f[step] for f in fp_traj])
-        config.feature_scale[step], config.feature_shift[step] = channel_affine_fit(x, y, channel_dim)
+        config.feature_scale[step], config.feature_shift[step] = DEC_FITS[dec](x, y, channel_dim)
     if fp_pipe is not None:
         _fit_layer_correction(pipe, fp_pipe, calls, config)
     return config

@@ -33,6 +33,8 @@ class CacheConfig:
 
     method: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # Steps are cached on a fixed schedule, so calibration can replay them (see dq.cache.calibration_replay).
+    replayable: ClassVar[bool] = True
 
     interval: int = 3
     schedule: str = "uniform"

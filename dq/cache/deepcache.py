@@ -136,6 +136,8 @@ class DeepCacheSkipHook(ModelHook):
         self.handle, self.key, self.units, self.is_feature = handle, key, units, is_feature
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.handle.idle():
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.handle.state()
         if state.refresh:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -159,7 +161,8 @@ class CountHook(ModelHook):
         self.handle, self.kind = handle, kind
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.handle.stats.count(self.kind, True)
+        if not self.handle.idle():
+            self.handle.stats.count(self.kind, True)
         return args, kwargs
 
 

@@ -37,6 +37,7 @@ class FirstBlockCacheConfig(CacheConfig):
     """
 
     method = "first-block-cache"
+    replayable = False  # whether a step is cached depends on the features of that run
     paper = "https://github.com/chengzeyi/ParaAttention#first-block-cache-our-dynamic-caching"
 
     threshold: float = 0.05
@@ -59,6 +60,8 @@ class FBCHeadHook(BlockHook):
         self.threshold, self.max_cached = threshold, max_cached
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.handle.idle():
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.handle.state()
         h_in, _ = _states(self.meta, args, kwargs)
         out = self.fn_ref.original_forward(*args, **kwargs)
@@ -90,6 +93,8 @@ class FBCBlockHook(BlockHook):
         self.is_tail = is_tail
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.handle.idle():
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.handle.state()
         if state.extra.get("compute", True):
             out = self.fn_ref.original_forward(*args, **kwargs)

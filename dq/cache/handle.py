@@ -57,6 +57,10 @@ class CacheHandle:
     def state(self) -> CacheState:
         return self.manager.get_state()
 
+    def idle(self) -> bool:
+        """True outside a denoiser call: a block called on its own runs uncached."""
+        return not self.manager.get_state().active
+
     def emit_feature(self, state: CacheState, feature: torch.Tensor) -> None:
         """Called by the method's feature hook when the cached feature is computed (a refresh step)."""
         if self.recorder is not None:

@@ -8,6 +8,10 @@ within a call, so a timestep >= the previous one, or a different latent shape (r
 starts a new call and drops every cached tensor. Pipelines that set `cache_context` (Wan, Flux) key the
 state by context name ("cond"/"uncond"); UNet and PixArt pipelines set none and use one default state.
 `maybe_free_model_hooks` also resets the state at the end of calls of models that are CacheMixins.
+
+Block hooks act only inside a denoiser call (`CacheState.active`); a block called on its own (as block
+reconstruction does) runs uncached. Calibration replays a recorded step by passing the step's cache state
+in the denoiser kwargs under REPLAY_KWARG (see `replay_state`); the hook pins the state for that one call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from torch import nn
 from dq.errors import DQError
 
 DEFAULT_CONTEXT = "default"
+REPLAY_KWARG = "_dq_cache_replay"
+
+
+def replay_state(state: "CacheState") -> dict[str, Any]:
+    """What a calibration sample must carry to replay this denoiser call as the cache ran it: the step,
+    whether it refreshed, and (on a cached step) the reused tensors."""
+    return {"step": state.step, "refresh": state.refresh, "outputs": {} if state.refresh else dict(state.outputs)}
 
 
 class CacheState(BaseState):
@@ -38,6 +49,8 @@ class CacheState(BaseState):
         self.num_steps: int | None = None
         self.refresh_steps: frozenset[int] = frozenset()
         self.refresh = True
+        self.active = False  # inside a denoiser call
+        self.replaying = False  # a calibration replay pinned this call's state
         self.outputs: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
 
@@ -123,6 +136,10 @@ class StepHook(ModelHook):
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         state = self.manager.get_state()
+        if REPLAY_KWARG in kwargs:
+            kwargs = dict(kwargs)
+            self._pin(state, kwargs.pop(REPLAY_KWARG))
+            return args, kwargs
         sample = self._get(args, kwargs, "__first__")
         shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
         t = self._get(args, kwargs, "timestep")
@@ -152,11 +169,25 @@ class StepHook(ModelHook):
                 f"{state.num_steps} steps; set num_inference_steps in the cache config to the real step count."
             )
         state.refresh = self.force_refresh or not state.outputs or self._scheduled(state)
+        state.active = True
         if state.refresh:
             self.stats.refresh_steps += 1
         else:
             self.stats.cached_steps += 1
         return args, kwargs
+
+    def _pin(self, state: CacheState, replay: dict[str, Any]) -> None:
+        """Set the state a recorded call ran with (see replay_state); counters are left alone."""
+        state.reset()
+        state.step, state.refresh, state.outputs = replay["step"], replay["refresh"], dict(replay["outputs"])
+        state.active = state.replaying = True
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        state = self.manager.get_state()
+        if state.replaying:
+            state.reset()  # a replayed step belongs to no pipeline call
+        state.active = False
+        return output
 
     def _scheduled(self, state: CacheState) -> bool:
         if state.num_steps is not None:

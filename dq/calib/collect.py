@@ -10,6 +10,10 @@ Three timestep samplings (see `CalibConfig.sampling`):
 
 A stored sample is one prompt at one step: every positional/keyword tensor the pipeline passed to the
 denoiser, sliced to that prompt's rows (both CFG branches), in float16 on CPU (or cached on disk).
+
+With a step cache enabled on the pipeline (cache-aware calibration), the FP run is cached as it will be at
+inference, and each sample also keeps that step's cache state (refresh or cached, and the reused feature)
+in its kwargs, so replaying it runs the denoiser exactly as the cache does on that step.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class CalibSample:
     args: tuple
     kwargs: dict
     rows: int
+    cached: bool = False  # a cached step of an enabled step cache (replays with the reused feature)
 
 
 @dataclass
@@ -130,10 +135,14 @@ class CalibData:
         """Collated batches (samples, args, kwargs) of up to `batch_size` samples (float16 on CPU).
 
         by_step: every batch holds one step only (per-timestep statistics, and quantizers whose
-        timestep group must be one per call).
+        timestep group must be one per call). Cached steps of a step cache are always batched per
+        step, apart from refresh steps: one denoiser call replays one cache state.
         """
         pool = self.samples if max_samples is None else _spread(self.samples, max_samples)
-        groups = [[s for s in pool if s.step == k] for k in sorted({s.step for s in pool})] if by_step else [pool]
+        keyed: dict[tuple[int, bool], list[CalibSample]] = {}
+        for s in pool:
+            keyed.setdefault((s.step if by_step or s.cached else -1, s.cached), []).append(s)
+        groups = [keyed[k] for k in sorted(keyed)]
         for group in groups:
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
@@ -272,9 +281,10 @@ def _fingerprint(denoiser: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(config: CalibConfig, prompts: list[str], denoiser: nn.Module) -> str:
-    """Hash of every setting that changes the collected data, and of the model."""
+def cache_key(config: CalibConfig, prompts: list[str], denoiser: nn.Module, replay: Any = None) -> str:
+    """Hash of every setting that changes the collected data, of the model, and of an enabled step cache."""
     d = asdict(config)
+    d["step_cache"] = None if replay is None else replay.handle.config.to_json()
     d.pop("cache_dir")
     d.pop("max_bytes")
     d["pipeline_kwargs"] = {k: (f"tensor{tuple(v.shape)}:{float(v.double().sum()):.8e}" if isinstance(v, torch.Tensor) else v)
@@ -294,10 +304,11 @@ def _check_finite(sample_obj: Any, step: int, timestep: float, prompt: int) -> N
             )
 
 
-def collect(pipe: Any, config: CalibConfig) -> CalibData:
+def collect(pipe: Any, config: CalibConfig, replay: Any = None) -> CalibData:
     """Run the FP pipeline on the config's prompts and capture the denoiser inputs at the chosen steps.
 
     Quantized layers already swapped into the denoiser run in float (their quantizers bypassed).
+    `replay` (dq.cache.calibration_replay(pipe)) stores each step's cache state with its samples.
 
     Example:
         >>> data = collect(pipe, CalibConfig(prompts=["a red circle"], steps=10, samples=4))
@@ -311,22 +322,26 @@ def collect(pipe: Any, config: CalibConfig) -> CalibData:
     prompts = resolve_prompts(config)
     path = None
     if config.cache_dir:
-        path = Path(config.cache_dir) / f"calib-{cache_key(config, prompts, denoiser)}.pt"
+        path = Path(config.cache_dir) / f"calib-{cache_key(config, prompts, denoiser, replay)}.pt"
         if path.is_file():
             logger.info("dq: loading calibration data from %s", path)
             return _load(path)
-    data = _run(pipe, denoiser, prompts, config)
+    data = _run(pipe, denoiser, prompts, config, replay)
     if path is not None:
         _save(data, path)
     return data
 
 
-def _run(pipe: Any, denoiser: nn.Module, prompts: list[str], config: CalibConfig) -> CalibData:
+def _run(pipe: Any, denoiser: nn.Module, prompts: list[str], config: CalibConfig, replay: Any) -> CalibData:
     calls: list[tuple[float, tuple, dict]] = []
 
     def hook(module, args, kwargs):
         t = timestep_of(module, args, kwargs)
-        calls.append((t, args, kwargs))
+        calls.append((t, args, dict(kwargs)))
+
+    def after_call(module, args, kwargs, output):
+        # The cache decided (and used) this step's state inside the call; store it with the call's inputs.
+        calls[-1][2][replay.kwarg] = replay.capture()
 
     train_T = int(getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000))
     gen = torch.Generator().manual_seed(config.seed)
@@ -337,7 +352,9 @@ def _run(pipe: Any, denoiser: nn.Module, prompts: list[str], config: CalibConfig
     schedule: list[float] = []
     total = 0
     device = next(denoiser.parameters()).device
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [denoiser.register_forward_pre_hook(hook, with_kwargs=True)]
+    if replay is not None:
+        handles.append(denoiser.register_forward_hook(after_call, with_kwargs=True))
     progress_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -370,9 +387,11 @@ def _run(pipe: Any, denoiser: nn.Module, prompts: list[str], config: CalibConfig
                                 f"{len(samples)} samples); lower CalibConfig.samples, steps or calib_steps "
                                 "(or use sampling='uniform'/'ndtc'), or raise max_bytes."
                             )
-                        samples.append(CalibSample(step, schedule[step], prompt, s_args, s_kwargs, len(rows)))
+                        cached = replay is not None and not kwargs[replay.kwarg]["refresh"]
+                        samples.append(CalibSample(step, schedule[step], prompt, s_args, s_kwargs, len(rows), cached))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         if hasattr(pipe, "set_progress_bar_config"):
             pipe._progress_bar_config = progress_cfg
     if not samples:
@@ -445,7 +464,7 @@ def calibration_data(context: Any, recipe: Any, sampling: str = "uniform") -> Ca
         raise DQError(f"calib must be a dq.CalibConfig, got {type(config).__name__}.")
     if config.sampling != sampling:
         logger.info("dq: recipe %r follows %r timestep sampling; using the config's %r", recipe.name, sampling, config.sampling)
-    return collect(context.pipeline, config)
+    return collect(context.pipeline, config, context.cache_replay)
 
 
 __all__ = ["CalibConfig", "CalibData", "CalibSample", "calibration_data", "collect", "ndtc_draw", "nearest_step", "to_device", "uniform_steps"]

@@ -18,10 +18,13 @@ from dq.registry import Registry
 
 @dataclass
 class CalibContext:
-    """What a calibrator may use besides the model: the pipeline (None at load time) and CalibConfig."""
+    """What a calibrator may use besides the model: the pipeline (None at load time), the CalibConfig, and
+    the replay of a step cache enabled on the pipeline (dq.cache.CalibrationReplay, None without a cache),
+    which makes the collected samples replay cached steps as the cache runs them."""
 
     pipeline: Any = None
     calib: Any = None
+    cache_replay: Any = None
 
 
 Calibrator = Callable[[nn.Module, dict[str, QuantLayerMixin], Any, CalibContext], None]

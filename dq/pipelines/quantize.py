@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.cache import calibration_replay
 from dq.calib import CALIBRATORS, CalibContext
 from dq.errors import DQError
 from dq.nn import swap_layers
@@ -81,6 +82,8 @@ def quantize(pipe: Any, recipe: str | Recipe, calib: Any = None) -> QuantReport:
         pipe: a diffusers pipeline (or a denoiser model).
         recipe: a bundled recipe name (`dq recipes` lists them), a YAML path, or a Recipe.
         calib: a dq.CalibConfig for recipes that calibrate on data (None: data-free, or the bundled default set).
+            If a step cache is enabled (dq.enable_cache) the calibration data is collected with it, and
+            cached steps are replayed as the cache runs them (cache-aware calibration, CacheQuant).
 
     Example:
         >>> import dq
@@ -96,6 +99,8 @@ def quantize(pipe: Any, recipe: str | Recipe, calib: Any = None) -> QuantReport:
             "Load the float pipeline again and quantize that."
         )
     recipe = load_recipe(recipe)
-    report = quantize_model(denoiser, recipe, CalibContext(pipeline=pipe, calib=calib))
+    # With a step cache enabled, calibration sees what the model sees on cached steps (dq.cache replay).
+    replay = calibration_replay(pipe) if recipe.needs_data else None
+    report = quantize_model(denoiser, recipe, CalibContext(pipeline=pipe, calib=calib, cache_replay=replay))
     attach_quantizer(denoiser, recipe)
     return report

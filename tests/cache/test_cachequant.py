@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 import dq
 from dq.cache import CacheQuantConfig, calibrate_cachequant
-from dq.cache.dec import channel_affine_fit
+from dq.cache.dec import channel_affine_fit, channel_shift_fit
 from dq.cache.schedule import segment_bounds
+from dq.errors import DQError
 from tiny_pipelines import run
 
 
@@ -18,6 +20,23 @@ def test_channel_affine_fit_is_least_squares():
     a, b = channel_affine_fit(x, noisy, channel_dim=1)
     fit = x * a.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
     assert ((fit - noisy) ** 2).mean() <= ((y - noisy) ** 2).mean()
+
+
+def test_channel_shift_fit_corrects_the_mean_drift_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, generator=g)
+    drift = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+    noisy = 0.5 * x + drift + 0.1 * torch.randn(x.shape, generator=g)
+    a, b = channel_shift_fit(x, noisy, channel_dim=1)
+    assert torch.equal(a, torch.ones(3))  # never shrinks the feature, unlike the affine fit (a ~ 0.5 here)
+    assert torch.allclose(b, (noisy - x).mean((0, 2, 3)), atol=1e-6)
+    assert ((x + b.view(1, 3, 1, 1) - noisy) ** 2).mean() < ((x - noisy) ** 2).mean()
+
+
+def test_unknown_dec_fit_is_an_error(sd):
+    pipe, kw = sd
+    with pytest.raises(DQError, match="affine"):
+        calibrate_cachequant(pipe, [kw], interval=2, dec="ridge")
 
 
 def test_calibrate_save_reload_and_correction(sd, tmp_path):

@@ -1,0 +1,92 @@
+"""Cache-aware calibration: samples collected with a step cache replay cached steps as the cache ran them."""
+
+import pytest
+import torch
+
+import dq
+from dq.cache import BlockCacheConfig, DeepCacheConfig, calibration_replay
+from dq.calib.collect import CalibConfig, collect, to_device
+from dq.errors import DQError
+from tiny_pipelines import run
+
+
+def _calib_config(kw, steps=4, samples=2, **overrides):
+    kw = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
+    return CalibConfig(prompts=["p"] * samples, steps=steps, samples=samples, batch_size=samples, sampling="all",
+                       pipeline_kwargs=kw, **overrides)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+@pytest.mark.parametrize("family,config", [("sd", DeepCacheConfig(interval=2, branch=0)), ("pixart", BlockCacheConfig(interval=2, blocks=(0, 2)))])
+def test_replayed_samples_reproduce_the_cached_run(family, config, request):
+    pipe, kw = request.getfixturevalue(family)
+    denoiser = pipe.unet if family == "sd" else pipe.transformer
+    dq.enable_cache(pipe, config)
+    outputs = []
+    hook = denoiser.register_forward_hook(lambda m, a, o: outputs.append(_first(o).detach().clone()))
+    cfg = _calib_config(kw)
+    data = collect(pipe, cfg, calibration_replay(pipe))
+    hook.remove()
+    assert [s.cached for s in data.samples if s.prompt == 0] == [False, True, False, True]
+    with torch.no_grad():
+        for s in data.samples:
+            args, kwargs = to_device(s.args, torch.device("cpu"), torch.float32), to_device(s.kwargs, torch.device("cpu"), torch.float32)
+            recorded = outputs[s.step][torch.arange(s.prompt, 2 * cfg.samples, cfg.samples)]
+            replayed = _first(denoiser(*args, **kwargs))
+            uncached_kwargs = {k: v for k, v in kwargs.items() if k != "_dq_cache_replay"}
+            dq.disable_cache(pipe)
+            uncached = _first(denoiser(*args, **uncached_kwargs))
+            dq.enable_cache(pipe, config)
+            err = float((replayed - recorded).abs().max())
+            assert err < 5e-3 * float(recorded.abs().max()) + 1e-4  # inputs were stored in float16
+            if s.cached:
+                # what an uncached replay would have calibrated on is a different computation
+                assert float((uncached - recorded).abs().max()) > 5 * err
+    # replays leave no state behind: the next pipeline call is a normal cached call
+    first = run(pipe, kw)
+    assert torch.equal(run(pipe, kw), first)
+    dq.disable_cache(pipe)
+
+
+def test_cached_calibration_data_is_keyed_by_the_cache(sd, tmp_path):
+    pipe, kw = sd
+    cfg = _calib_config(kw, steps=2, samples=1, cache_dir=str(tmp_path))
+    plain = collect(pipe, cfg)
+    dq.enable_cache(pipe, DeepCacheConfig(interval=2, branch=0))
+    cached = collect(pipe, cfg, calibration_replay(pipe))
+    dq.disable_cache(pipe)
+    assert len(list(tmp_path.iterdir())) == 2  # the uncached data was not reused for the cached run
+    assert not any(s.cached for s in plain.samples) and any(s.cached for s in cached.samples)
+
+
+def test_quantize_with_a_cache_calibrates_on_cached_steps(sd):
+    pipe, kw = sd
+    recipe = dq.Recipe.from_dict({
+        "name": "w8a8-static", "weight": {"format": "int8", "granularity": "channel"},
+        "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
+        "method": "timestep", "needs_data": True, "options": {"timestep_groups": 1},
+    })
+    consumer = "up_blocks.1.resnets.0.conv1"  # DeepCache branch 0: the first up layer reading the cached feature
+
+    def calibrated_scale(with_cache: bool) -> torch.Tensor:
+        from tiny_pipelines import build
+
+        p, k = build("sd")
+        p.set_progress_bar_config(disable=True)
+        if with_cache:
+            dq.enable_cache(p, DeepCacheConfig(interval=2, branch=0))
+        dq.quantize(p, recipe, calib=_calib_config(k, steps=4, samples=2))
+        return p.unet.get_submodule(consumer).act_quantizer.scale.clone()
+
+    assert not torch.equal(calibrated_scale(True), calibrated_scale(False))
+
+
+def test_adaptive_cache_cannot_be_replayed(pixart):
+    pipe, kw = pixart
+    dq.enable_cache(pipe, "first-block-cache", threshold=0.1)
+    with pytest.raises(DQError, match="disable_cache"):
+        dq.quantize(pipe, "w4a8-timestep", calib=_calib_config(kw))
+    dq.disable_cache(pipe)
