@@ -77,8 +77,9 @@ def _make_int4(N: int, K: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
 def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     """ms per call of every method at one (M, N, K)."""
     from dq.kernels import ops  # noqa: F401
-    from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations
-    from dq.kernels.w4a4_gemm import w4_gemm
+    from dq.kernels.act_quant import FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8, FMT_INT8, quantize_activations
+    from dq.kernels.w4a4_gemm import w4_gemm, w4_linear
+    from dq.kernels.w4a4_mma8 import w4a4_mma8_gemm
     from dq.kernels.w8a8_gemm import w8_gemm
 
     dev = torch.device("cuda")
@@ -106,17 +107,30 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     run("bf16", [lambda w=w: F.linear(x, w, bias) for w in ws])
     del ws
     w4 = [_make_int4(N, K, dev) for _ in range(n4)]
+    # W4A4: the dispatcher's path (byte-code kernel, FP8 or INT8 MMA as its self-check picks), and the
+    # unpacking INT8 kernel it replaced (mma8=False), each with and without the low-rank branch.
     run("w4a4_lr", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, smooth, ld, lu, GROUP, 4) for q, s in w4])
     run("w4a4", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, None, None, None, GROUP, 4) for q, s in w4])
-    if {"w4a4_gemm", "w4a4_unfused", "act_quant_lr"} & methods:
+    run("w4a4_old", [lambda q=q, s=s: w4_linear(x, q, s, bias, GROUP, 4, mma8=False) for q, s in w4])
+    run("w4a4_old_lr", [lambda q=q, s=s: w4_linear(x, q, s, bias, GROUP, 4, smooth, ld, lu, mma8=False) for q, s in w4])
+    if {"w4a4_gemm", "w4a4_gemm_i8", "w4a4_gemm_noasm", "w4a4_gemm_unscaled", "w4a4_old_gemm", "w4a4_unfused",
+            "act_quant_lr"} & methods:
+        qf, sf, _ = quantize_activations(x, FMT_INT4_FP8, GROUP)
+        qi, si, _ = quantize_activations(x, FMT_INT4_I8, GROUP)
+        run("w4a4_gemm", [lambda q=q, s=s: w4a4_mma8_gemm(qf, sf, q, s, bias, None, None, bf, GROUP) for q, s in w4])
+        run("w4a4_gemm_i8", [lambda q=q, s=s: w4a4_mma8_gemm(qi, si, q, s, bias, None, None, bf, GROUP) for q, s in w4])
+        run("w4a4_gemm_noasm", [lambda q=q, s=s: w4a4_mma8_gemm(qf, sf, q, s, bias, None, None, bf, GROUP, use_asm=False)
+                                for q, s in w4])
+        run("w4a4_gemm_unscaled", [lambda q=q, s=s: w4a4_mma8_gemm(qf, sf, q, s, bias, None, None, bf, GROUP,
+                                                                   diag_unscaled=True) for q, s in w4])
         qa, sa, _ = quantize_activations(x, FMT_INT4, GROUP)
-        run("w4a4_gemm", [lambda q=q, s=s: w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP) for q, s in w4])
-        run("act_quant_lr", [lambda: quantize_activations(x, FMT_INT4, GROUP, smooth, ld)])
+        run("w4a4_old_gemm", [lambda q=q, s=s: w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP) for q, s in w4])
+        run("act_quant_lr", [lambda: quantize_activations(x, FMT_INT4_FP8, GROUP, smooth, ld)])
 
         def unfused(q, s):
             xs = x / smooth
-            qa, sa, _ = quantize_activations(xs, FMT_INT4, GROUP)
-            y = w4_gemm(qa, sa, q, s, bias, None, None, bf, GROUP)
+            qf, sf, _ = quantize_activations(xs, FMT_INT4_FP8, GROUP)
+            y = w4a4_mma8_gemm(qf, sf, q, s, bias, None, None, bf, GROUP)
             return y + (xs @ ld.t()) @ lu.t()
 
         run("w4a4_unfused", [lambda q=q, s=s: unfused(q, s) for q, s in w4])
@@ -144,8 +158,9 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     return out
 
 
-METHODS = ["bf16", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "act_quant_lr",
-           "w4a8", "w8a8", "w8a8_gemm", "w8a8_fp8", "w4a16"]
+METHODS = ["bf16", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "w4a4_gemm_i8",
+           "w4a4_gemm_noasm", "w4a4_gemm_unscaled", "act_quant_lr", "w4a4_old_lr", "w4a4_old", "w4a4_old_gemm", "w4a8",
+           "w8a8", "w8a8_gemm", "w8a8_fp8", "w4a16"]
 
 
 def env_info() -> dict:
@@ -170,12 +185,25 @@ def env_info() -> dict:
     return info
 
 
+RATIOS = [  # (header, numerator, denominator): time ratios, so "vs bf16" columns are speedups over bf16
+    ("w4a4_lr vs bf16", "bf16", "w4a4_lr"), ("w4a4 vs bf16", "bf16", "w4a4"), ("w4a4_gemm vs bf16", "bf16", "w4a4_gemm"),
+    ("lr overhead", "w4a4_lr", "w4a4"), ("unfused overhead", "w4a4_unfused", "w4a4"),
+    ("w4a4_old_gemm / w4a4_gemm", "w4a4_old_gemm", "w4a4_gemm"), ("w4a4_old / w4a4", "w4a4_old", "w4a4"), ("w8a8_gemm/int_mm", "w8a8_gemm", "int_mm"),
+    ("w4a16 vs bf16", "bf16", "w4a16"),
+]
+
+
 def to_markdown(rows: list[dict], info: dict) -> str:
     cols = [m for m in METHODS if any(m in r["ms"] for r in rows)]
-    lines = [f"# dq kernel benchmark: {info['gpu']} (torch {info['torch']}, triton {info['triton']})", "",
-             "Latency in microseconds (TFLOP/s at 2MNK in parentheses). Ratios: bf16 / method.", "",
-             "| model | layer | M | N | K | " + " | ".join(cols) + " | w4a4_lr vs bf16 | lr overhead | unfused overhead | w8a8_gemm/int_mm | w4a16 vs bf16 |",
-             "|" + "---|" * (len(cols) + 10)]
+    ratios = [r for r in RATIOS if any(r[1] in row["ms"] and r[2] in row["ms"] for row in rows)]
+    smi = info.get("nvidia_smi")
+    clocks = (f"SM clock {smi.get('clocks.sm')} (max {smi.get('clocks.max.sm')}), memory clock {smi.get('clocks.mem')}"
+              if isinstance(smi, dict) else "clocks unavailable")
+    lines = [f"# dq kernel benchmark: {info['gpu']} (torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']})", "",
+             f"Run {info['date']}; {clocks} at start. Latency in microseconds (TFLOP/s at 2MNK in parentheses); "
+             "ratio columns divide the two times measured in this run (\"vs bf16\": speedup over bf16 F.linear).", "",
+             "| model | layer | M | N | K | " + " | ".join(cols) + " | " + " | ".join(r[0] for r in ratios) + " |",
+             "|" + "---|" * (len(cols) + len(ratios) + 5)]
     for r in rows:
         ms = r["ms"]
         flops = 2 * r["M"] * r["N"] * r["K"]
@@ -189,22 +217,21 @@ def to_markdown(rows: list[dict], info: dict) -> str:
             return "" if not ta or not tb or ta != ta or tb != tb else f"{ta / tb:.2f}"
 
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells)
-                     + f" | {ratio('bf16', 'w4a4_lr')}x | {ratio('w4a4_lr', 'w4a4')} | {ratio('w4a4_unfused', 'w4a4')}"
-                     + f" | {ratio('w8a8_gemm', 'int_mm')} | {ratio('bf16', 'w4a16')}x |")
+                     + " | " + " | ".join(ratio(a, b) for _, a, b in ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
 CHECK_SHAPES = [(1, 96, 128), (5, 200, 192), (16, 520, 1024), (37, 200, 192), (300, 520, 1024), (4100, 3072, 3072)]
 
 
-def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES) -> list[str]:
+def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES, device: str = "cuda") -> list[str]:
     """GPU kernels vs the torch reference on odd shapes; returns failure messages (empty = all good)."""
     from dq.kernels.reference import quantized_linear_reference
     from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, quantize, weight_scales
     from dq.quant.storage import encode_codes
 
     torch.manual_seed(0)
-    dev, bf = torch.device("cuda"), torch.bfloat16
+    dev, bf = torch.device(device), torch.bfloat16
     fails = []
     for (M, N, K) in shapes:
         for rank in (0, 32):
@@ -217,6 +244,7 @@ def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES) -> list
             cases = []
             for wf, wspec, aspec, op in [
                 ("int4", QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64)), "w4a4"),
+                ("int4", QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64)), "w4a4_old"),
                 ("int4", QuantSpec("int4", PerGroup(64)), QuantSpec("int8", PerToken()), "w4a8"),
                 ("int4", QuantSpec("int4", PerGroup(64)), None, "w4a16"),
                 ("int8", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()), "w8a8"),
@@ -227,6 +255,10 @@ def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES) -> list
                 sw = s.reshape(N, -1).half()
                 if op in ("w4a4", "w4a8"):
                     y = torch.ops.dq.w4_linear(x, qw, sw, b, sm, ld, lu, 64, 4 if op == "w4a4" else 8)
+                elif op == "w4a4_old":
+                    from dq.kernels.w4a4_gemm import w4_linear
+
+                    y = w4_linear(x, qw, sw, b, 64, 4, sm, ld, lu, mma8=False)
                 elif op == "w4a16":
                     y = torch.ops.dq.w4a16_linear(x, qw, sw, b, sm, ld, lu, 64)
                 else:
@@ -242,20 +274,52 @@ def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES) -> list
     return fails
 
 
-def check_codes() -> list[str]:
+def check_mma8_sums(shapes=((70, 150, 192), (300, 520, 1024), (4100, 3072, 3072)), device: str = "cuda") -> list[str]:
+    """The byte-code W4A4 GEMM with unit scales must return exact integer sums, in both MMA flavours and
+    with both weight conversions: checks that the tensor cores take the e4m3 subnormals that encode
+    weights 1..7 and keep every bit of the group sums (up to 64 * 8 * 15 before the offset correction)."""
+    from dq.kernels.w4a4_mma8 import mma8_mode, offset_operands, w4a4_mma8_gemm
+    from dq.quant import unpack_4bit
+
+    torch.manual_seed(2)
+    dev = torch.device(device)
+    print(f"mma8_mode({dev}) = {mma8_mode(dev)}", flush=True)
+    fails = []
+    for M, N, K in shapes:
+        codes = torch.randint(-8, 8, (M, K), device=dev)
+        codes[:7] = -8
+        codes[7:9] = 7
+        b = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev)
+        b[:3], b[3:6] = 0x77, 0x88
+        ref = codes.double() @ unpack_4bit(b, True).double().t()
+        line = [f"mma8 sums M={M} N={N} K={K}:"]
+        for mode in ("fp8", "int8"):
+            q, planes = offset_operands(codes, mode)
+            for asm in (True, False) if dev.type == "cuda" else (False,):  # the CPU interpreter has no inline asm
+                y = w4a4_mma8_gemm(q, planes, b, torch.ones(N, K // 64, device=dev), None, None, None, torch.float32, 64,
+                                   use_asm=asm)
+                bad = int((y.double() != ref).sum())
+                line.append(f"{mode}/{'asm' if asm else 'plain'} mismatches {bad}/{M * N}")
+                if bad:
+                    fails.append(f"byte-code W4A4 integer sums differ at M={M} N={N} K={K} ({mode}, asm={asm}): {bad}")
+        print(" ".join(line), flush=True)
+    return fails
+
+
+def check_codes(shapes=((37, 192), (300, 1024), (4100, 3072)), device: str = "cuda") -> list[str]:
     """Activation codes of the GPU quantizer vs the torch reference's (fake_quantize) on the same GPU.
 
     Compares codes, not outputs: a single flipped 4-bit code moves an output by a full step. Also
     reports how many codes differ when the scale is rounded as an exact division instead of torch's
     CUDA rule (amax * fl(1/qmax)); that count is the mismatch the kernel had before it followed the rule.
     """
-    from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations
+    from dq.kernels.act_quant import FMT_INT4, FMT_INT4_FP8, FMT_INT8, quantize_activations
     from dq.quant import PerToken, QuantSpec, fake_quantize
 
     torch.manual_seed(1)
-    dev, bf = torch.device("cuda"), torch.bfloat16
+    dev, bf = torch.device(device), torch.bfloat16
     fails = []
-    for M, K in [(37, 192), (300, 1024), (4100, 3072)]:
+    for M, K in shapes:
         x = torch.randn(M, K, device=dev, dtype=bf)
         sm = (torch.rand(K, device=dev) + 0.5).to(bf)
         xs = (x / sm).float()
@@ -269,12 +333,179 @@ def check_codes() -> list[str]:
             n4 = int((deq != ref4).sum())
             q8, s8, _ = quantize_activations(x, FMT_INT8, None, sm, rcp_scale=rcp)
             n8 = int((q8.float() * s8.reshape(-1, 1) != ref8).sum())
+            qf, sf, _ = quantize_activations(x, FMT_INT4_FP8, 64, sm, rcp_scale=rcp)
+            perm = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)]).to(dev)
+            inv = torch.argsort(perm)
+            codes_f = qf.float().reshape(M, K // 64, 64)[:, :, inv].reshape(M, K)
+            nf = int((codes_f * (sf[0, :, :M].t() / 512).repeat_interleave(64, 1) != ref4).sum())
             tag = "torch-rule" if rcp is None else "exact-div"
-            line.append(f"{tag}: int4 {n4}/{M * K} int8 {n8}/{M * K}")
-            if rcp is None and (n4 or n8):
-                fails.append(f"activation codes differ from the reference at M={M} K={K}: int4 {n4}, int8 {n8}")
+            line.append(f"{tag}: int4 {n4}/{M * K} int4-as-fp8 {nf}/{M * K} int8 {n8}/{M * K}")
+            if rcp is None and (n4 or n8 or nf):
+                fails.append(f"activation codes differ from the reference at M={M} K={K}: int4 {n4}, fp8 {nf}, int8 {n8}")
         print(" ".join(line), flush=True)
     return fails
+
+
+def profile_w4a4(M: int, N: int, K: int) -> int:
+    """One launch of each W4A4 GEMM (byte-code FP8 and INT8 flavours, unpacking INT8) inside a profiler
+    range, after autotuning."""
+    from dq.kernels.act_quant import FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8, quantize_activations
+    from dq.kernels.w4a4_gemm import w4_gemm
+    from dq.kernels.w4a4_mma8 import w4a4_mma8_gemm
+
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(M, K, device=dev, dtype=bf)
+    q, s = _make_int4(N, K, dev)
+    qf, sf, _ = quantize_activations(x, FMT_INT4_FP8, GROUP)
+    qi, si, _ = quantize_activations(x, FMT_INT4_I8, GROUP)
+    qa, sa, _ = quantize_activations(x, FMT_INT4, GROUP)
+    calls = [lambda: w4a4_mma8_gemm(qf, sf, q, s, None, None, None, bf, GROUP),
+             lambda: w4a4_mma8_gemm(qi, si, q, s, None, None, None, bf, GROUP),
+             lambda: w4_gemm(qa, sa, q, s, None, None, None, bf, GROUP)]
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    return 0
+
+
+# Static SASS model (no GPU needed): kernels compiled for sm_90 by Triton's bundled ptxas, main K-loop counted.
+SM90_SMS, SM90_MHZ, SM90_MMA8_MACS = 132, 1980, 4096  # H200: SMs, max SM clock, dense 8-bit MACs / clk / SM
+SM90_REGS, SM90_SMEM = 65536, 228 * 1024
+SASS_VARIANTS = [  # (name, kernel module, kernel, activation dtype, extra constexprs, BLOCK_M, BLOCK_N, warps, stages)
+    ("w4a4 unpacking INT8 (v1/v2)", "w4a4_gemm", "_w4_gemm_kernel", "u8", {"A_INT8": False}, 128, 128, 8, 3),
+    ("w4a4 unpacking INT8 (v1/v2)", "w4a4_gemm", "_w4_gemm_kernel", "u8", {"A_INT8": False}, 128, 256, 8, 3),
+    ("w4a4 byte-code FP8 (v3)", "w4a4_mma8", "_w4a4_mma8_kernel", "fp8e4nv", {"MMA_FP8": True}, 128, 128, 8, 4),
+    ("w4a4 byte-code FP8 (v3)", "w4a4_mma8", "_w4a4_mma8_kernel", "fp8e4nv", {"MMA_FP8": True}, 128, 64, 4, 4),
+    ("w4a4 byte-code FP8 (v3)", "w4a4_mma8", "_w4a4_mma8_kernel", "fp8e4nv", {"MMA_FP8": True}, 64, 128, 4, 4),
+    ("w4a4 byte-code INT8 (v3)", "w4a4_mma8", "_w4a4_mma8_kernel", "i8", {"MMA_FP8": False}, 128, 128, 8, 4),
+    ("w4a4 byte-code FP8, no inline PTX", "w4a4_mma8", "_w4a4_mma8_kernel", "fp8e4nv",
+     {"MMA_FP8": True, "USE_ASM": False}, 128, 128, 8, 4),
+    ("w4a4 byte-code FP8, unscaled (diagnostic)", "w4a4_mma8", "_w4a4_mma8_kernel", "fp8e4nv",
+     {"MMA_FP8": True, "SCALED": False}, 128, 128, 8, 4),
+    ("w8a8 INT8 (BLOCK_K 128)", "w8a8_gemm", "_w8_gemm_kernel", "i8", {"IS_FP8": False, "EVEN_K": True, "BLOCK_K": 128},
+     128, 256, 8, 3),
+    ("w8a8 INT8 (BLOCK_K 128)", "w8a8_gemm", "_w8_gemm_kernel", "i8", {"IS_FP8": False, "EVEN_K": True, "BLOCK_K": 128},
+     128, 128, 8, 4),
+]
+
+
+def _compile_sm90(module: str, kernel: str, a_type: str, extra: dict, bm: int, bn: int, warps: int, stages: int):
+    """Compile one kernel of dq.kernels for sm_90 (bf16 output, bias + rank-32 low-rank epilogue)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"dq.kernels.{module}"), kernel)
+    ptr_types = {"a_ptr": a_type, "as_ptr": "fp32", "b_ptr": "u8" if module != "w8a8_gemm" else a_type, "bs_ptr": "fp16",
+                 "bias_ptr": "bf16", "la_ptr": "fp32", "lu_ptr": "bf16", "c_ptr": "bf16"}
+    consts = {"GROUP": 64, "A_INT8": False, "MMA_FP8": True, "USE_ASM": True, "SCALED": True, "HAS_BIAS": True,
+              "HAS_LORA": True, "R_PAD": 32, "UPCAST": False, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, **extra}
+    sig, attrs = {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if name in ptr_types:
+            sig[name] = "*" + ptr_types[name]
+        elif param.is_constexpr:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+        if sig[name] != "constexpr" and name != "LA_SPLITS":
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton specializes for aligned tensors / strides
+    consts = {k: v for k, v in consts.items() if k in sig and sig[k] == "constexpr"}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def _sass_loop(cubin: bytes) -> dict:
+    """Registers, shared memory and the instruction mix of the loop around the first tensor-core MMA."""
+    import glob
+    import re
+    import tempfile
+
+    import triton
+
+    tool = glob.glob(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))[0]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", res)}
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    mma = next(i for i, (_, t) in enumerate(ins) if re.search(r"\b[IHQ]GMMA", t))
+    for j in range(mma, len(ins)):
+        m = re.search(r"BRA (0x[0-9a-f]+)", ins[j][1])
+        if m and int(m.group(1), 16) <= ins[mma][0]:
+            start = next(i for i, (a, _) in enumerate(ins) if a == int(m.group(1), 16))
+            break
+    ops: dict[str, int] = {}
+    for _, t in ins[start:j + 1]:
+        op = t.split()[1] if t.startswith("@") else t.split()[0]
+        op = op.split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
+    return {"regs": usage.get("REG"), "local_bytes": usage.get("LOCAL", 0) + usage.get("STACK", 0), "loop_instructions": j + 1 - start,
+            "loop_mix": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+def sass_report(out: str, measured: str | None) -> int:
+    """Static model of the W4A4 kernels on sm_90: SASS per K-group, issue- and MMA-bound times at FLUX ff_in."""
+    M, N, K = 4096, 12288, 3072
+    meas = {}
+    if measured and Path(measured).exists():
+        for r in json.loads(Path(measured).read_text())["rows"]:
+            if (r["M"], r["N"], r["K"]) == (M, N, K):
+                meas = r["ms"]
+    rows = []
+    for name, module, kernel, a_type, extra, bm, bn, warps, stages in SASS_VARIANTS:
+        ck = _compile_sm90(module, kernel, a_type, extra, bm, bn, warps, stages)
+        info = _sass_loop(ck.asm["cubin"])
+        bk = extra.get("BLOCK_K", 64)
+        smem = ck.metadata.shared
+        ctas = max(1, min(SM90_REGS // (((info["regs"] + 7) // 8 * 8) * 32 * warps), SM90_SMEM // max(smem, 1), 64 // warps))
+        per_group = info["loop_instructions"] * 64 / bk  # per thread per 64 of K
+        issue = per_group * warps / 4 / (bm * bn / 16384)  # SM clocks per 128x128x64 block of work, 4 schedulers
+        mma = 128 * 128 * 64 / SM90_MMA8_MACS
+        blocks = (M / 128) * (N / 128) * (K / 64) / SM90_SMS
+        rows.append({"variant": name, "tile": f"{bm}x{bn}", "warps": warps, "stages": stages, "ctas_per_sm": ctas,
+                     "shared_bytes": smem, **info, "instr_per_thread_per_group": per_group,
+                     "issue_clk_per_128x128x64": issue, "mma_clk_per_128x128x64": mma,
+                     "ff_in_us_issue_bound": blocks * issue / SM90_MHZ, "ff_in_us_mma_bound": blocks * mma / SM90_MHZ})
+        print(f"{name} {bm}x{bn}/{warps}w/{stages}s: {info['loop_instructions']} instr/iter, regs {info['regs']}, "
+              f"local {info['local_bytes']} B, issue-bound {rows[-1]['ff_in_us_issue_bound']:.0f} us", flush=True)
+    lines = ["# W4A4 kernels on sm_90: static SASS model (no GPU: compiled by Triton's ptxas, not run)", "",
+             f"Triton {__import__('triton').__version__} compiling for sm_90 (the H200 runs Triton 3.6: its SASS can differ). "
+             "Counts are SASS instructions in the main K-loop per thread; 'issue' = loop instructions x warps / 4 schedulers, "
+             "per 128x128x64 block of output work; 'MMA' = the same block at the dense 8-bit tensor-core rate "
+             f"({SM90_MMA8_MACS} MAC/clk/SM). Times: FLUX ff_in M={M} N={N} K={K} on {SM90_SMS} SMs at {SM90_MHZ} MHz "
+             "(a kernel takes at least max(issue, MMA), at most about their sum plus memory stalls).", "",
+             "| variant | tile | warps | stages | regs | stack+local B | CTAs/SM | loop instr / group | FFMA | LDG | issue clk | MMA clk "
+             "| ff_in issue-bound us | ff_in MMA-bound us |", "|" + "---|" * 14]
+    for r in rows:
+        mix = r["loop_mix"]
+        lines.append(f"| {r['variant']} | {r['tile']} | {r['warps']} | {r['stages']} | {r['regs']} | {r['local_bytes']} | "
+                     f"{r['ctas_per_sm']} | {r['instr_per_thread_per_group']:.0f} | {mix.get('FFMA', 0)} | {mix.get('LDG', 0)} | "
+                     f"{r['issue_clk_per_128x128x64']:.0f} | {r['mma_clk_per_128x128x64']:.0f} | "
+                     f"{r['ff_in_us_issue_bound']:.0f} | {r['ff_in_us_mma_bound']:.0f} |")
+    if meas:
+        lines += ["", f"Measured on the H200 at this shape ({Path(measured).name}, the v1 kernels): "
+                  + ", ".join(f"{k} {v * 1e3:.0f} us" for k, v in meas.items() if k in ("bf16", "w4a4_gemm", "w8a8_gemm",
+                                                                                       "scaled_mm_fp8", "int_mm"))
+                  + ". w4a4_gemm there is the unpacking INT8 kernel, w8a8_gemm the INT8 one above."]
+    lines += ["", "Loop instruction mix per variant:", ""]
+    lines += [f"- {r['variant']} {r['tile']}: " + ", ".join(f"{k} {v}" for k, v in list(r["loop_mix"].items())[:12]) for r in rows]
+    md = "\n".join(lines) + "\n"
+    Path(out).with_suffix(".json").write_text(json.dumps({"triton": __import__("triton").__version__, "target": "sm_90",
+                                                          "shape": [M, N, K], "measured_ms": meas, "rows": rows}, indent=1))
+    Path(out).with_suffix(".md").write_text(md)
+    print(md)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,14 +519,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_h200"),
                    help="output path without extension (.json and .md are written)")
+    p.add_argument("--profile", default="", help="'M,N,K': run the W4A4 GEMMs once each between cudaProfilerStart/Stop "
+                   "(after autotuning) for `ncu --profile-from-start off`, and exit")
+    p.add_argument("--sass", action="store_true", help="no GPU needed: compile the W4A4 kernels for sm_90 and write "
+                   "the static SASS model (loop instruction counts, issue- and MMA-bound times) to --out")
     args = p.parse_args(argv)
+    if args.sass:
+        return sass_report(args.out, str(Path(__file__).parent / "results" / "kernels_h200.json"))
     if not torch.cuda.is_available():
         print("dq bench kernels needs a CUDA GPU (the CPU runs only the torch reference).", file=sys.stderr)
         return 2
+    if args.profile:
+        return profile_w4a4(*(int(v) for v in args.profile.split(",")))
     info = env_info()
     print(json.dumps(info), flush=True)
     shapes = [tuple(int(v) for v in t.split(",")) for t in args.check_shapes.split(";")] if args.check_shapes else CHECK_SHAPES
-    fails = [] if args.no_check else check_codes() + check_correctness(shapes)
+    fails = [] if args.no_check else check_codes() + check_mma8_sums() + check_correctness(shapes)
     models = ["flux"] if args.quick else args.models.split(",")
     ms_list = [16, 4096] if args.quick else [int(m) for m in args.m.split(",")]
     methods = set(args.methods.split(","))
@@ -311,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - t0:.0f}s] {model} {layer} M={M}: "
                       + " ".join(f"{k}={v * 1e3:.1f}us" for k, v in r["ms"].items()), flush=True)
                 _write(args.out, info, fails, rows, to_markdown(rows, info))
+    from dq.kernels.tuning import chosen_configs
+
+    info["autotuned"] = chosen_configs()
+    print(json.dumps(info["autotuned"], indent=1))
     md = to_markdown(rows, info)
     print(md)
     _write(args.out, info, fails, rows, md)

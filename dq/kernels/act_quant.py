@@ -8,10 +8,13 @@ One launch reads X once and writes everything the GEMM needs:
 
 Outputs (the layouts the GEMM kernels in this package read):
     int4   q: uint8 [M, K/2], canonical nibble layout (dq.quant.packing); scale: fp32 [K/G, M]
-    int8   q: int8 [M, K];                                                 scale: fp32 [1, M]
-    fp8    q: float8_e4m3fn [M, K];                                        scale: fp32 [1, M]
-    lora_act: fp32 [C, M, R]: C partial sums over disjoint K chunks; the GEMM epilogue adds them up
-              (in a fixed order, so results are deterministic) and rounds to lora_up's dtype.
+    int4 as bytes (FMT_INT4_FP8 / FMT_INT4_I8, for the 8-bit-MMA W4A4 GEMM, dq.kernels.w4a4_mma8):
+           q: float8_e4m3fn / int8 [M, K] holding the INT4 code values exactly, each group of G
+           columns permuted to (even k..., odd k...) so the GEMM's two K/2 halves match the low / high
+           nibbles of the packed weights; scale: fp32 [2, K/G, M_pad] = (f * scale, 8 * sum(codes) *
+           scale) with f = 512 for e4m3 and 1 for int8: f and the correction undo the GEMM's offset
+           weight encoding; rows are padded to M_pad (a multiple of 256, contents past M undefined)
+           so GEMM tiles load them unmasked.
 Scales are stored transposed (group-major) so a GEMM tile reads a contiguous run of tokens.
 
 Scale rounding. The torch reference computes scale = amax / qmax with qmax a Python float. On CUDA,
@@ -41,8 +44,10 @@ from dq.errors import DQError
 from dq.kernels.epilogue import mma, round_e4m3, round_to
 
 # Format codes shared with the GEMM launchers.
-FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
-_QMAX = {FMT_INT4: 7.0, FMT_INT8: 127.0, FMT_FP8: 448.0}
+FMT_INT4, FMT_INT8, FMT_FP8, FMT_INT4_FP8, FMT_INT4_I8 = 0, 1, 2, 3, 4
+_QMAX = {FMT_INT4: 7.0, FMT_INT8: 127.0, FMT_FP8: 448.0, FMT_INT4_FP8: 7.0, FMT_INT4_I8: 7.0}
+# Factor on the first scale plane of the byte-coded INT4 formats (the GEMM's weight encoding, w4a4_mma8).
+BYTE_SCALE = {FMT_INT4_FP8: 512.0, FMT_INT4_I8: 1.0}
 # fl32(1 / qmax), the reciprocal torch's CUDA division by a Python scalar multiplies with.
 _RCP = {k: float(np.float32(1.0) / np.float32(v)) for k, v in _QMAX.items()}
 _TINY = torch.finfo(torch.float32).tiny
@@ -83,14 +88,17 @@ def _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH: tl
 def _act_quant_int4_kernel(
     x_ptr, s_ptr, q_ptr, sc_ptr, ld_ptr, la_ptr,
     M, K, R, GROUPS_PER_CHUNK,
-    stride_xm, stride_qm, stride_ldr, stride_las, stride_lam,
+    stride_xm, stride_qm, stride_ldr, stride_las, stride_lam, stride_sg,
     QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr, CODE_BYTES: tl.constexpr,
+    SCALE_F: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, TILE_G: tl.constexpr, R_PAD: tl.constexpr,
 ):
     """INT4 codes + per-group scales of a [BLOCK_M, chunk] block of x, and its lora_down partial.
 
     Program (pid_m, pid_c) covers rows pid_m*BLOCK_M.. and groups [pid_c*GROUPS_PER_CHUNK, +GROUPS_PER_CHUNK).
+    CODE_BYTES: codes as e4m3 / int8 bytes (q_ptr's type), group-permuted, and the two scale planes
+    (SCALE_F * scale, correction) of the module docstring.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -109,15 +117,32 @@ def _act_quant_int4_kernel(
         x3 = tl.reshape(xs, (BLOCK_M, TILE_G, GROUP))
         scale = _scale_of(tl.max(tl.abs(x3), axis=2), QMAX, RCP, TINY, RCP_SCALE)  # [BLOCK_M, TILE_G]
         offs_g = g0 + tl.arange(0, TILE_G)
-        tl.store(sc_ptr + offs_g[None, :] * M + offs_m[:, None], scale,
-                 mask=m_mask[:, None] & (offs_g[None, :] < g_end))
+        sc_mask = m_mask[:, None] & (offs_g[None, :] < g_end)
         v = tl.math.div_rn(x3, scale[:, :, None])
-        q = tl.minimum(tl.maximum(round_half_even(v), -QMAX - 1.0), QMAX).to(tl.int32)
-        lo, hi = tl.split(tl.reshape(q, (BLOCK_M, TILE_K // 2, 2)))
-        packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-        offs_h = g0 * (GROUP // 2) + tl.arange(0, TILE_K // 2)
-        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_h[None, :], packed,
-                 mask=m_mask[:, None] & (offs_h[None, :] < k_end // 2))
+        qf = tl.minimum(tl.maximum(round_half_even(v), -QMAX - 1.0), QMAX)  # [BLOCK_M, TILE_G, GROUP]
+        if CODE_BYTES:
+            # (SCALE_F * scale, 8 * sum(codes) * scale): the sum is an exact integer, SCALE_F a power of 2.
+            corr = (8.0 * tl.sum(qf, axis=2)) * scale
+            sc_ptrs = sc_ptr + offs_g[None, :] * stride_sg + offs_m[:, None]
+            tl.store(sc_ptrs, scale * SCALE_F, mask=sc_mask)
+            tl.store(sc_ptrs + (K // GROUP) * stride_sg, corr, mask=sc_mask)
+        else:
+            tl.store(sc_ptr + offs_g[None, :] * stride_sg + offs_m[:, None], scale, mask=sc_mask)
+        if CODE_BYTES:
+            ev, od = tl.split(tl.reshape(qf, (BLOCK_M, TILE_G, GROUP // 2, 2)))
+            offs_j = tl.arange(0, GROUP // 2)
+            col = offs_g[None, :, None] * GROUP + offs_j[None, None, :]
+            ptrs = q_ptr + offs_m[:, None, None] * stride_qm + col
+            mask3 = m_mask[:, None, None] & (offs_g[None, :, None] < g_end)
+            tl.store(ptrs, ev.to(q_ptr.dtype.element_ty), mask=mask3)  # integers -8..7: exact in e4m3 / int8
+            tl.store(ptrs + GROUP // 2, od.to(q_ptr.dtype.element_ty), mask=mask3)
+        else:
+            q = qf.to(tl.int32)
+            lo, hi = tl.split(tl.reshape(q, (BLOCK_M, TILE_K // 2, 2)))
+            packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            offs_h = g0 * (GROUP // 2) + tl.arange(0, TILE_K // 2)
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_h[None, :], packed,
+                     mask=m_mask[:, None] & (offs_h[None, :] < k_end // 2))
         if HAS_LORA:
             ld = tl.load(ld_ptr + offs_r[None, :] * stride_ldr + offs_k[:, None],
                          mask=(offs_r[None, :] < R) & (offs_k[:, None] < k_end), other=0.0)
@@ -238,7 +263,8 @@ def quantize_activations(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the fused quantizer on a 2-D x [M, K].
 
-    Returns (codes, scales [K/G or 1, M], lora partials fp32 [C, M, R] or None). `plan` overrides
+    Returns (codes, scales [K/G or 1, M] ([2, K/G, M_pad] for FMT_INT4_FP8/I8), lora partials fp32 [C, M, R] or None)
+    in the layouts of the module docstring. `plan` overrides
     int4_plan's (BLOCK_M, TILE_G, chunks, num_warps) (tests use it to run the GPU tilings on CPU);
     rcp_scale overrides the scale rounding (default: torch's rule on x's device, see the module docstring).
     """
@@ -247,12 +273,13 @@ def quantize_activations(
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DQError(f"activations must be float16, bfloat16 or float32, got {x.dtype}.")
     M, K = x.shape
-    if fmt == FMT_INT4 and (group_size is None or K % group_size or group_size % 2 or group_size < 16):
+    int4 = fmt in (FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8)
+    if int4 and (group_size is None or K % group_size or group_size % 2 or group_size < 16):
         raise DQError(
             f"INT4 activations need per-token groups of an even size >= 16 dividing K={K}, got {group_size}; "
             "pad the input features or choose another group size."
         )
-    if fmt != FMT_INT4 and group_size is not None:
+    if not int4 and group_size is not None:
         raise DQError("8-bit activation kernels take per-token scales only (PerToken() without a group size).")
     if group_size is not None and triton.next_power_of_2(group_size) != group_size:
         raise DQError(f"group size {group_size} must be a power of two for the Triton kernels.")
@@ -265,13 +292,16 @@ def quantize_activations(
     common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY, RCP_SCALE=torch_divides_by_reciprocal(dev) if rcp_scale is None else rcp_scale,
                   HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda, R_PAD=rank_pad(rank))
     s_arg = smooth if smooth is not None else x
-    if fmt == FMT_INT4:
+    if int4:
         block_m, tile_g, chunks, warps = plan or int4_plan(M, K, group_size, _num_sms(dev), x.is_cuda)
         groups = K // group_size
         per_chunk = triton.cdiv(triton.cdiv(groups, chunks), tile_g) * tile_g
         chunks = triton.cdiv(groups, per_chunk)
-        q = torch.empty((M, K // 2), dtype=torch.uint8, device=dev)
-        scales = torch.empty((groups, M), dtype=torch.float32, device=dev)
+        code_bytes = fmt in BYTE_SCALE
+        q_dtype = {FMT_INT4_FP8: torch.float8_e4m3fn, FMT_INT4_I8: torch.int8}.get(fmt, torch.uint8)
+        q = torch.empty((M, K) if code_bytes else (M, K // 2), dtype=q_dtype, device=dev)
+        scales = torch.empty((2, groups, triton.cdiv(M, 256) * 256) if code_bytes else (groups, M), dtype=torch.float32,
+                             device=dev)
         lora_act = torch.empty((chunks, M, rank), dtype=torch.float32, device=dev) if rank else None
         if M == 0:
             return q, scales, lora_act
@@ -279,8 +309,8 @@ def quantize_activations(
             x, s_arg, q, scales, lora_down if rank else x, lora_act if rank else x,
             M, K, rank, per_chunk,
             x.stride(0), q.stride(0), lora_down.stride(0) if rank else 0,
-            lora_act.stride(0) if rank else 0, lora_act.stride(1) if rank else 0,
-            BLOCK_M=block_m, GROUP=group_size, TILE_G=tile_g, num_warps=warps, **common,
+            lora_act.stride(0) if rank else 0, lora_act.stride(1) if rank else 0, scales.stride(-2),
+            CODE_BYTES=code_bytes, SCALE_F=BYTE_SCALE.get(fmt, 1.0), BLOCK_M=block_m, GROUP=group_size, TILE_G=tile_g, num_warps=warps, **common,
         )
         return q, scales, lora_act
     q = torch.empty((M, K), dtype=torch.int8 if fmt == FMT_INT8 else torch.float8_e4m3fn, device=dev)

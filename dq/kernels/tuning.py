@@ -20,6 +20,15 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         90: [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
              (32, 64, 4, 4), (16, 64, 4, 4)],
     },
+    # 8-bit-MMA W4A4 (w4a4_mma8.py), tile computed transposed: BLOCK_N weight rows are the MMA's M
+    # (64 per warpgroup), BLOCK_M tokens its N. Accumulator + per-group partial = 2*BM*BN/threads fp32
+    # registers. sm90 SASS (benchmarks/results/kernels_h200_sass.md): 128x64 / 4 warps has the fewest
+    # instructions per group (255) at 236 registers, two CTAs per SM; 128x128 / 8 warps 275 at 176.
+    "w4a4_mma8": {
+        80: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        89: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        90: [(128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
+    },
     "w8": {
         80: [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
         89: [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
@@ -34,7 +43,7 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
              (128, 128, 8, 3)],
     },
 }
-_BLOCK_K = {"w4": None, "w8": 128, "w4a16": None}
+_BLOCK_K = {"w4": None, "w4a4_mma8": None, "w8": 128, "w4a16": None}
 # Tile used under TRITON_INTERPRET (CPU). Tests set these to the GPU configs' tiles so the exact tile
 # shapes the autotuner can pick on a GPU are exercised on CPU too.
 INTERPRET_TILE = (16, 32)
@@ -68,10 +77,21 @@ def tuned(kernel, family: str, arch: int):
         kept = [c for c in configs if _fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 0, 0), m)]
         return kept or configs[-1:]
 
-    return triton.autotune(
+    tuner = triton.autotune(
         configs=configs, key=["M_KEY", "N", "K"], prune_configs_by={"early_config_prune": prune},
         warmup=5, rep=20,
     )(kernel)
+    _TUNERS[(kernel.__name__, family, arch)] = tuner
+    return tuner
+
+
+_TUNERS: dict[tuple[str, str, int], object] = {}
+
+
+def chosen_configs() -> dict[str, dict[str, str]]:
+    """The autotuner's pick per kernel and key (M bucket, N, K) so far, as strings (benchmark reports)."""
+    return {f"{name}/{family}/sm{arch}": {str(k): str(c) for k, c in getattr(t, "cache", {}).items()}
+            for (name, family, arch), t in _TUNERS.items()}
 
 
 def launch(kernel, family: str, grid_fn, device: torch.device, args: tuple, kwargs: dict) -> None:

@@ -215,9 +215,9 @@ def test_w4_gemm_gpu_tiles(monkeypatch, kind, tile, M, N, K, rank):
     ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
     lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
-    fn = w4a4_linear if kind == "w4a4" else w4a8_linear
     act = QuantSpec("int4", PerToken(64)) if kind == "w4a4" else QuantSpec("int8", PerToken())
-    y = fn(x, qw, sw, b, 64, sm, ld, lu)
+    # W4A4 here is the unpacking INT8 kernel (the fallback); the byte-code kernel has its own tile tests below.
+    y = w4_linear(x, qw, sw, b, 64, 4 if kind == "w4a4" else 8, sm, ld, lu, mma8=False)
     ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K, act_spec=act,
                                      smooth=sm, lora_down=ld, lora_up=lu)
     assert rel(y, ref) < 4e-3
@@ -276,3 +276,103 @@ def test_splitk_plan_fills_gpu():
     bn, gpp = splitk_plan(3072, 48, 132)
     assert 48 % gpp == 0 and (3072 // bn) * (48 // gpp) >= 4 * 132
     assert splitk_plan(320, 5, 132) == (32, 1)
+
+
+# --- W4A4 on 8-bit tensor cores (dq.kernels.w4a4_mma8): byte activation codes, offset-encoded weights ---
+
+from dq.kernels.act_quant import FMT_INT4_FP8, FMT_INT4_I8  # noqa: E402
+from dq.kernels.w4a4_mma8 import mma8_mode, offset_operands, self_check, w4a4_mma8_gemm, w4a4_mma8_linear  # noqa: E402
+
+_PERM = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # a group's (even k, odd k) order
+MODES = ["fp8", "int8"]
+
+
+@pytest.mark.parametrize("plan", [(16, 2, 1, 4), (32, 4, 3, 8), (16, 1, 7, 4)])
+@pytest.mark.parametrize("fmt", [FMT_INT4_FP8, FMT_INT4_I8])
+def test_act_quant_int4_bytes_exact(plan, fmt):
+    """Byte-coded INT4: codes equal the reference's (group-permuted), planes are (f * scale,
+    8 * sum(codes) * scale) with f = 512 (e4m3) or 1 (int8), lora partials as for the packed layout."""
+    rcp = plan[2] == 3  # both scale roundings over the plans
+    torch.manual_seed(sum(plan) + fmt)
+    M, K, R = 37, 448, 20
+    x = torch.randn(M, K).bfloat16()
+    sm = (torch.rand(K) + 0.5).bfloat16()
+    ld = (torch.randn(R, K) * 0.1).bfloat16()
+    q, s, la = quantize_activations(x, fmt, 64, sm, ld, plan=plan, rcp_scale=rcp)
+    codes, ref_s = _int4_act_codes(x / sm, 64, rcp)
+    G = K // 64
+    assert q.dtype == (torch.float8_e4m3fn if fmt == FMT_INT4_FP8 else torch.int8)
+    assert q.shape == (M, K) and s.shape == (2, G, 256)
+    assert torch.equal(q.float(), codes.reshape(M, G, 64)[:, :, _PERM].reshape(M, K))
+    assert torch.equal(s[0, :, :M], ref_s.t() * (512 if fmt == FMT_INT4_FP8 else 1))
+    assert torch.equal(s[1, :, :M], (8 * codes.reshape(M, G, 64).sum(-1) * ref_s).t())
+    assert rel(la.sum(0), ((x / sm).float() @ ld.float().t())) < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tile", tuning.gpu_tiles("w4a4_mma8"))
+def test_w4a4_mma8_integer_sums_exact(monkeypatch, tile, mode):
+    """Raw sums at every H200 tile (M, N off the tile grid, 3 groups): exact, including all-extreme codes."""
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
+    torch.manual_seed(tile[0] + tile[1])
+    M, N, K = 70, 150, 192
+    codes = torch.randint(-8, 8, (M, K))
+    codes[:5] = -8  # |sum| at its maximum: 64 * 8 * 15 before the offset correction
+    b = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    b[:3] = 0x77  # all +7
+    b[3:6] = 0x88  # all -8
+    q, planes = offset_operands(codes, mode)
+    y = w4a4_mma8_gemm(q, planes, b, torch.ones(N, K // 64), None, None, None, torch.float32, 64)
+    from dq.quant import unpack_4bit
+
+    assert torch.equal(y, (codes.long() @ unpack_4bit(b, True).long().t()).float())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tile", [(16, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("M,N,K,rank", GPU_CASES + [(1, 64, 64, 0)])
+def test_w4a4_mma8_linear_gpu_tiles(monkeypatch, tile, M, N, K, rank, mode):
+    """The 8-bit-MMA W4A4 layer vs the reference at H200 tiles, with and without the low-rank branch."""
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
+    torch.manual_seed(M + N + K + rank + tile[1])
+    x = torch.randn(M, K).bfloat16()
+    b = torch.randn(N).bfloat16()
+    sm = (torch.rand(K) + 0.5).bfloat16()
+    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
+    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
+    y = w4a4_mma8_linear(x, qw, sw, b, 64, sm, ld, lu, mode=mode)
+    ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K,
+                                     act_spec=QuantSpec("int4", PerToken(64)), smooth=sm, lora_down=ld, lora_up=lu)
+    assert y.shape == (M, N) and rel(y, ref) < 4e-3
+
+
+def test_w4a4_float32_close_on_every_path():
+    """fp32 output: both 8-bit-MMA flavours and the unpacking kernel (mma8=False) match the reference to 1e-5."""
+    torch.manual_seed(9)
+    M, N, K = 19, 40, 256
+    x, sm = torch.randn(M, K), torch.rand(K) + 0.5
+    qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
+    ref = quantized_linear_reference(x, qw, sw, None, None, weight_format="int4", in_features=K,
+                                     act_spec=QuantSpec("int4", PerToken(64)), smooth=sm)
+    for mma8 in ("fp8", "int8", False):
+        y = w4_linear(x, qw, sw, None, 64, 4, sm, mma8=mma8)
+        assert rel(y, ref) < 1e-5
+
+
+def test_mma8_self_check_and_mode_cpu():
+    """The device self-check passes in both flavours under the interpreter, and the CPU mode is fp8."""
+    cpu = torch.device("cpu")
+    assert self_check(cpu, "fp8") and self_check(cpu, "int8")
+    assert mma8_mode(cpu) == "fp8"
+
+
+def test_w4a4_mma8_bad_inputs_raise():
+    qw, sw = make_weight(8, 128, QuantSpec("int4", PerGroup(64)), "int4")
+    q, planes = offset_operands(torch.randint(-8, 8, (4, 128)), "fp8")
+    with pytest.raises(DQError):
+        w4a4_mma8_gemm(q, planes[:, :, :4], qw, sw, None, None, None, torch.float32, 64)  # unpadded planes
+    with pytest.raises(DQError):
+        w4a4_mma8_gemm(q.view(torch.uint8), planes, qw, sw, None, None, None, torch.float32, 64)  # not e4m3/int8
+    with pytest.raises(DQError):
+        w4a4_mma8_linear(torch.randn(4, 128), qw, sw, None, 64, mode="int4")
