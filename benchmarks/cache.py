@@ -4,10 +4,14 @@ For each reference pipeline (ref-sd: DeepCache branch 0; ref-pixart: block cachi
 and last block) and each interval N: denoising wall clock (time inside the denoiser, and whole calls) vs
 uncached, fraction of block evaluations, PSNR vs FP images, CLIP score and FID (domain-CLIP features)
 vs the FP images. Then the DP schedule vs uniform at equal refresh count (feature error on held-out
-prompts, image quality), and quantized + cache: naive (uniform) vs CacheQuant (DP with the quantized
-model's cost + DEC), all vs FP.
+prompts, image quality), and quantized + cache, all vs FP:
 
-    python benchmarks/cache.py --models ref-sd,ref-pixart --intervals 2,3,5 --prompts 8 --steps 20
+- naive: the recipe calibrated without the cache, then the uniform cache;
+- CacheQuant: DP schedule (quantized model's cost against FP features), the recipe calibrated with that
+  cache enabled (cache-aware calibration), then DEC (cached-feature correction, per-channel "affine" as
+  the paper or mean "shift", and the consumer layers' quantization correction).
+
+    python benchmarks/cache.py --models ref-sd,ref-pixart --intervals 2,3,5 --prompts 32 --steps 20
 Writes benchmarks/results/cache_cpu.json and .md.
 """
 
@@ -131,7 +135,7 @@ def run_cached(pipe, name, config, prompts, steps, quality, base_denoise, base_t
             "refresh_steps": stats.refresh_steps, "cached_steps": stats.cached_steps, **quality(images)}
 
 
-def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, recipe: str | None) -> dict[str, Any]:
+def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, recipe: str | None, n_calib: int) -> dict[str, Any]:
     pipe = reference.load(name)
     prompts = reference.prompts("heldout", n=n_prompts)
     generate(pipe, name, prompts[:1], 2)  # warm up
@@ -144,7 +148,7 @@ def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, rec
 
     # DP vs uniform at equal refresh count: calibrate on train prompts, evaluate on held-out ones.
     n = intervals[len(intervals) // 2]
-    calib = calls_for(name, reference.prompts("train", n=4), steps, 1000)
+    calib = calls_for(name, reference.prompts("train", n=n_calib), steps, 1000)
     dq.enable_cache(pipe, cache_config(name, 1))
     train_traj = record_trajectory(pipe, calib)
     held_traj = record_trajectory(pipe, calls_for(name, prompts, steps, 0))
@@ -167,16 +171,26 @@ def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, rec
 
 
 def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, fp_denoise, fp_total) -> dict[str, Any]:
-    """quantized alone, quantized + naive uniform cache, CacheQuant (DP on quantized cost + DEC)."""
+    """quantized alone; + naive uniform cache; CacheQuant (DP, cache-aware calibration, DEC affine / shift)."""
+    base = "deepcache" if name == "ref-sd" else "block-cache"
+    calib_config = dq.CalibConfig(prompts="reference", steps=steps, samples=len(calib), pipeline_kwargs=reference.generation_kwargs(name))
     qpipe = copy.deepcopy(pipe)
-    dq.quantize(qpipe, recipe)
+    dq.quantize(qpipe, recipe, calib=calib_config)
     q_images, q_denoise, q_total = generate(qpipe, name, prompts, steps)
     out = {"recipe": recipe, "interval": n, "quant_only": {"denoise_speedup": fp_denoise / q_denoise, **quality(q_images)}}
     out["naive"] = run_cached(qpipe, name, cache_config(name, n), prompts, steps, quality, fp_denoise, fp_total)
-    config = calibrate_cachequant(qpipe, calib, interval=n, fp_pipe=pipe,
-                                  base="deepcache" if name == "ref-sd" else "block-cache")
-    out["cachequant_steps"] = list(config.refresh_steps)
-    out["cachequant"] = run_cached(qpipe, name, config, prompts, steps, quality, fp_denoise, fp_total)
+    # CacheQuant: the DP schedule from the quantized model's features against the FP ones...
+    schedule = calibrate_cachequant(qpipe, calib, interval=n, fp_pipe=pipe, dec=None, base=base)
+    out["cachequant_steps"] = list(schedule.refresh_steps)
+    # ...the recipe calibrated with that cache on (its activation statistics see the cached steps)...
+    aware = copy.deepcopy(pipe)
+    dq.enable_cache(aware, schedule)
+    dq.quantize(aware, recipe, calib=calib_config)
+    dq.disable_cache(aware)
+    # ...and DEC fitted on the cache-aware quantized model.
+    for fit in ("affine", "shift"):
+        config = calibrate_cachequant(aware, calib, interval=n, fp_pipe=pipe, dec=fit, base=base, refresh_steps=schedule.refresh_steps)
+        out[f"cachequant-{fit}"] = run_cached(aware, name, config, prompts, steps, quality, fp_denoise, fp_total)
     print(name, "quant+cache", out, flush=True)
     return out
 
@@ -191,7 +205,7 @@ def markdown(results: dict[str, Any]) -> str:
         rows = dict(r["cache"])
         if "dp_vs_uniform" in r:
             rows[f"DP N={r['dp_vs_uniform']['interval']}"] = r["dp_vs_uniform"]["dp"]
-        for q in ("naive", "cachequant"):
+        for q in ("naive", "cachequant-affine", "cachequant-shift"):
             if q in r.get("quant_cache", {}):
                 rows[f"{r['quant_cache']['recipe']} + {q} N={r['quant_cache']['interval']}"] = r["quant_cache"][q]
         for label, c in rows.items():
@@ -214,16 +228,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ref-sd,ref-pixart", help="comma-separated reference pipelines")
     parser.add_argument("--intervals", default="2,3,5", help="cache intervals N")
-    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per variant")
+    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per variant")
+    parser.add_argument("--calib-prompts", type=int, default=8, help="train prompts for the DP schedule, DEC and the recipe")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--recipe", default="w8a8", help="recipe for quant+cache ('' to skip)")
+    parser.add_argument("--recipe", default="w8a8-ptq4dm", help="recipe for quant+cache, static activations so that "
+                        "calibration matters ('' to skip)")
     parser.add_argument("--out", default=str(RESULTS / "cache_cpu"), help="output path without extension")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"steps": args.steps, "prompts": args.prompts, "torch_threads": torch.get_num_threads(), "models": {}}
     for name in args.models.split(","):
         results["models"][name] = bench_model(name, [int(n) for n in args.intervals.split(",")], args.prompts,
-                                              args.steps, args.recipe or None)
+                                              args.steps, args.recipe or None, args.calib_prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(results, indent=2))
         Path(args.out + ".md").write_text(markdown(results))

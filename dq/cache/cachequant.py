@@ -25,7 +25,7 @@ from dq.cache.config import CacheConfig, register_cache_method
 from dq.cache.dec import DEC_FITS, LAYER_HOOK, OutputAffineHook, channel_affine_fit
 from dq.cache.deepcache import DeepCacheConfig, apply_deepcache, plan_deepcache
 from dq.cache.handle import CacheHandle, FeatureCorrection
-from dq.cache.schedule import dp_schedule, l1_cost_matrix
+from dq.cache.schedule import dp_schedule, l1_cost_matrix, validate_refresh_steps
 from dq.errors import DQError
 
 CONFIG_FILE = "dq_cache.json"
@@ -171,7 +171,8 @@ def calibrate_cachequant(
             F_i ~ a F_c + b), "shift" (a = 1: the per-channel mean drift only, closer to FP on both
             reference pipelines, see benchmarks/results/cache_cpu.md), or None (no DEC). The consumer
             layers' quantization correction is fitted with either, when fp_pipe is given.
-        fields: CacheQuantConfig fields (base, branch, blocks).
+        fields: CacheQuantConfig fields (base, branch, blocks); `refresh_steps` skips the DP and keeps
+            that schedule (e.g. the one a cache-aware dq.quantize ran with).
 
     Example:
         >>> calls = [dict(prompt=p, num_inference_steps=20, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(prompts)]
@@ -181,6 +182,7 @@ def calibrate_cachequant(
         raise DQError("calibrate_cachequant needs at least one calibration call.")
     if dec is not None and dec not in DEC_FITS:
         raise DQError(f"unknown DEC fit {dec!r}; choose one of {sorted(DEC_FITS)} or None (no correction).")
+    given = fields.pop("refresh_steps", None)
     probe = CacheQuantConfig(interval=1, **fields)
     quant_traj = _trajectories(pipe, probe, calls)
     fp_traj = quant_traj if fp_pipe is None else _trajectories(fp_pipe, probe, calls)
@@ -189,7 +191,7 @@ def calibrate_cachequant(
         raise DQError(f"calibration calls ran different step counts {sorted(lengths)}; use one num_inference_steps.")
     num_steps = lengths.pop()
     cost = sum(l1_cost_matrix(q, f) for q, f in zip(quant_traj, fp_traj)) / len(calls)
-    refresh = dp_schedule(cost, interval)
+    refresh = dp_schedule(cost, interval) if given is None else validate_refresh_steps(given, num_steps)
     config = CacheQuantConfig(interval=interval, refresh_steps=refresh, num_inference_steps=num_steps, **fields)
     if dec is None:
         return config

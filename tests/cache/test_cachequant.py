@@ -33,6 +33,13 @@ def test_channel_shift_fit_corrects_the_mean_drift_only():
     assert ((x + b.view(1, 3, 1, 1) - noisy) ** 2).mean() < ((x - noisy) ** 2).mean()
 
 
+def test_given_refresh_steps_skip_the_dp(sd):
+    pipe, kw = sd
+    kw = dict(kw, num_inference_steps=6)
+    config = calibrate_cachequant(pipe, [kw], interval=3, branch=0, dec="shift", refresh_steps=(0, 2, 5))
+    assert config.refresh_steps == (0, 2, 5) and set(config.feature_scale) == {1, 3, 4}
+
+
 def test_unknown_dec_fit_is_an_error(sd):
     pipe, kw = sd
     with pytest.raises(DQError, match="affine"):
