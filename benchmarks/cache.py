@@ -122,28 +122,47 @@ def cache_config(name: str, interval: int, **kw: Any):
     return DeepCacheConfig(interval=interval, branch=0, **kw) if name == "ref-sd" else BlockCacheConfig(interval=interval, **kw)
 
 
-def run_cached(pipe, name, config, prompts, steps, quality, base_denoise, base_total) -> dict[str, Any]:
+def paired_speedup(fp_pipe, pipe, config, name: str, prompts: list[str], steps: int) -> dict[str, float]:
+    """Denoise and call speedup of `pipe` (with cache `config`, or none) over the uncached FP pipeline,
+    timed alternately prompt by prompt, so that load changes on a shared machine hit both alike."""
+    fp_d = fp_t = d = t = 0.0
+    for p in prompts:
+        _, a, b = generate(fp_pipe, name, [p], steps)
+        fp_d, fp_t = fp_d + a, fp_t + b
+        handle = dq.enable_cache(pipe, config) if config is not None else None
+        try:
+            _, a, b = generate(pipe, name, [p], steps)
+        finally:
+            if handle is not None:
+                dq.disable_cache(pipe)
+        d, t = d + a, t + b
+    return {"denoise_s": d, "call_s": t, "fp_denoise_s": fp_d, "fp_call_s": fp_t,
+            "denoise_speedup": fp_d / d, "call_speedup": fp_t / t}
+
+
+def run_cached(fp_pipe, pipe, name, config, prompts, steps, quality, timing_prompts) -> dict[str, Any]:
     handle = dq.enable_cache(pipe, config)
     try:
-        images, denoise, total = generate(pipe, name, prompts, steps)
+        images, _, _ = generate(pipe, name, prompts, steps)
     finally:
         stats = handle.stats
         dq.disable_cache(pipe)
     kind = "unit" if name == "ref-sd" else "block"
-    return {"denoise_s": denoise, "call_s": total, "denoise_speedup": base_denoise / denoise,
-            "call_speedup": base_total / total, "block_eval_fraction": stats.evaluation_ratio(kind),
+    return {**paired_speedup(fp_pipe, pipe, config, name, prompts[:timing_prompts], steps),
+            "block_eval_fraction": stats.evaluation_ratio(kind),
             "refresh_steps": stats.refresh_steps, "cached_steps": stats.cached_steps, **quality(images)}
 
 
-def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, recipe: str | None, n_calib: int) -> dict[str, Any]:
+def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, recipe: str | None, n_calib: int,
+                timing_prompts: int) -> dict[str, Any]:
     pipe = reference.load(name)
     prompts = reference.prompts("heldout", n=n_prompts)
     generate(pipe, name, prompts[:1], 2)  # warm up
-    fp_images, fp_denoise, fp_total = generate(pipe, name, prompts, steps)
+    fp_images, fp_denoise, fp_total = generate(pipe, name, prompts, steps)  # quality reference (timing is paired)
     quality = Quality(prompts, fp_images)
     result: dict[str, Any] = {"fp": {"denoise_s": fp_denoise, "call_s": fp_total, **quality(fp_images)}, "cache": {}}
     for n in intervals:
-        result["cache"][f"N={n}"] = run_cached(pipe, name, cache_config(name, n), prompts, steps, quality, fp_denoise, fp_total)
+        result["cache"][f"N={n}"] = run_cached(pipe, pipe, name, cache_config(name, n), prompts, steps, quality, timing_prompts)
         print(name, n, result["cache"][f"N={n}"], flush=True)
 
     # DP vs uniform at equal refresh count: calibrate on train prompts, evaluate on held-out ones.
@@ -160,25 +179,26 @@ def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, rec
     entry = {"interval": n, "dp_steps": list(dp), "uniform_steps": list(uni),
              "heldout_feature_error_dp": schedule_error(held_cost, dp),
              "heldout_feature_error_uniform": schedule_error(held_cost, uni)}
-    entry["dp"] = run_cached(pipe, name, cache_config(name, n, refresh_steps=dp), prompts, steps, quality, fp_denoise, fp_total)
+    entry["dp"] = run_cached(pipe, pipe, name, cache_config(name, n, refresh_steps=dp), prompts, steps, quality, timing_prompts)
     entry["uniform"] = result["cache"][f"N={n}"]
     result["dp_vs_uniform"] = entry
     print(name, "dp", entry, flush=True)
 
     if recipe:
-        result["quant_cache"] = bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, fp_denoise, fp_total)
+        result["quant_cache"] = bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, timing_prompts)
     return result
 
 
-def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, fp_denoise, fp_total) -> dict[str, Any]:
+def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, timing_prompts) -> dict[str, Any]:
     """quantized alone; + naive uniform cache; CacheQuant (DP, cache-aware calibration, DEC affine / shift)."""
     base = "deepcache" if name == "ref-sd" else "block-cache"
     calib_config = dq.CalibConfig(prompts="reference", steps=steps, samples=len(calib), pipeline_kwargs=reference.generation_kwargs(name))
     qpipe = copy.deepcopy(pipe)
     dq.quantize(qpipe, recipe, calib=calib_config)
-    q_images, q_denoise, q_total = generate(qpipe, name, prompts, steps)
-    out = {"recipe": recipe, "interval": n, "quant_only": {"denoise_speedup": fp_denoise / q_denoise, **quality(q_images)}}
-    out["naive"] = run_cached(qpipe, name, cache_config(name, n), prompts, steps, quality, fp_denoise, fp_total)
+    q_images, _, _ = generate(qpipe, name, prompts, steps)
+    out = {"recipe": recipe, "interval": n,
+           "quant_only": {**paired_speedup(pipe, qpipe, None, name, prompts[:timing_prompts], steps), **quality(q_images)}}
+    out["naive"] = run_cached(pipe, qpipe, name, cache_config(name, n), prompts, steps, quality, timing_prompts)
     # CacheQuant: the DP schedule from the quantized model's features against the FP ones...
     schedule = calibrate_cachequant(qpipe, calib, interval=n, fp_pipe=pipe, dec=None, base=base)
     out["cachequant_steps"] = list(schedule.refresh_steps)
@@ -190,14 +210,15 @@ def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, fp_
     # ...and DEC fitted on the cache-aware quantized model.
     for fit in ("affine", "shift"):
         config = calibrate_cachequant(aware, calib, interval=n, fp_pipe=pipe, dec=fit, base=base, refresh_steps=schedule.refresh_steps)
-        out[f"cachequant-{fit}"] = run_cached(aware, name, config, prompts, steps, quality, fp_denoise, fp_total)
+        out[f"cachequant-{fit}"] = run_cached(pipe, aware, name, config, prompts, steps, quality, timing_prompts)
     print(name, "quant+cache", out, flush=True)
     return out
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["# Cache benchmark (CPU)", "", f"steps={results['steps']}, prompts={results['prompts']}; ratios vs the "
-             "uncached FP pipeline measured in the same run. FID/CLIP on domain-CLIP features; FID vs FP images.", ""]
+    lines = ["# Cache benchmark (CPU)", "", f"steps={results['steps']}, prompts={results['prompts']}; speedups vs the "
+             f"uncached FP pipeline, timed alternately with it prompt by prompt ({results.get('timing_prompts', '?')} prompts). "
+             "FID/CLIP on domain-CLIP features; FID vs FP images.", ""]
     for name, r in results["models"].items():
         lines += [f"## {name}", "", "| variant | denoise speedup | call speedup | block evals | PSNR vs FP | CLIP | FID vs FP |",
                   "|---|---|---|---|---|---|---|",
@@ -213,7 +234,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"| {c['psnr_vs_fp']:.2f} | {c['clip']:.2f} | {c['fid_vs_fp']:.3f} |")
         if "quant_cache" in r:
             q = r["quant_cache"]["quant_only"]
-            lines.append(f"| {r['quant_cache']['recipe']} (no cache) | {q['denoise_speedup']:.2f}x | - | 1.000 | "
+            lines.append(f"| {r['quant_cache']['recipe']} (no cache) | {q['denoise_speedup']:.2f}x | {q['call_speedup']:.2f}x | 1.000 | "
                          f"{q['psnr_vs_fp']:.2f} | {q['clip']:.2f} | {q['fid_vs_fp']:.3f} |")
         if "dp_vs_uniform" in r:
             d = r["dp_vs_uniform"]
@@ -229,6 +250,7 @@ def main() -> None:
     parser.add_argument("--models", default="ref-sd,ref-pixart", help="comma-separated reference pipelines")
     parser.add_argument("--intervals", default="2,3,5", help="cache intervals N")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per variant")
+    parser.add_argument("--timing-prompts", type=int, default=8, help="prompts timed FP / variant alternately")
     parser.add_argument("--calib-prompts", type=int, default=8, help="train prompts for the DP schedule, DEC and the recipe")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--recipe", default="w8a8-ptq4dm", help="recipe for quant+cache, static activations so that "
@@ -236,10 +258,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "cache_cpu"), help="output path without extension")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"steps": args.steps, "prompts": args.prompts, "torch_threads": torch.get_num_threads(), "models": {}}
+    results = {"steps": args.steps, "prompts": args.prompts, "timing_prompts": args.timing_prompts, "torch_threads": torch.get_num_threads(), "models": {}}
     for name in args.models.split(","):
         results["models"][name] = bench_model(name, [int(n) for n in args.intervals.split(",")], args.prompts,
-                                              args.steps, args.recipe or None, args.calib_prompts)
+                                              args.steps, args.recipe or None, args.calib_prompts, args.timing_prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(results, indent=2))
         Path(args.out + ".md").write_text(markdown(results))
