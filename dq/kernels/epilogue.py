@@ -1,9 +1,54 @@
-"""Shared GEMM pieces: tile scheduling and the low-rank + bias epilogue every GEMM kernel ends with."""
+"""Shared GEMM pieces: tile scheduling and the low-rank + bias epilogue every GEMM kernel ends with
+(its device side, and `LowRankOperands`, its host side)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+
+from dq.errors import DQError
+
+
+def tile_grid(M: int, N: int):
+    """The launch grid of a kernel scheduled by tile_coords: one program per output tile."""
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    return grid
+
+
+@dataclass(frozen=True)
+class LowRankOperands:
+    """The host side of lowrank_bias_epilogue: the low-rank activations as fp32 partial sums [C, M, R]
+    (None: no branch), lora_up [N, R] made contiguous, and their launch arguments."""
+
+    act: torch.Tensor | None
+    up: torch.Tensor | None
+    rank: int
+
+    @classmethod
+    def of(cls, lora_act: torch.Tensor | None, lora_up: torch.Tensor | None, n: int) -> "LowRankOperands":
+        """Check the shapes; lora_act is [M, R] or partial sums [C, M, R] (quantize_activations' output)."""
+        if lora_act is not None and lora_act.dim() == 2:
+            lora_act = lora_act.unsqueeze(0)
+        rank = 0 if lora_act is None else lora_act.shape[2]
+        if rank and (lora_up is None or lora_up.shape != (n, rank)):
+            raise DQError(f"lora_up must be [{n}, {rank}], got {None if lora_up is None else tuple(lora_up.shape)}.")
+        return cls(lora_act if rank else None, lora_up.contiguous() if rank else None, rank)
+
+    def pointers(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(la_ptr, lu_ptr): the operands, or any valid tensor when there is no branch."""
+        return (self.act, self.up) if self.rank else (placeholder, placeholder)
+
+    def strides(self) -> tuple[int, int, int, int]:
+        """(stride_las, LA_SPLITS, stride_lam, stride_lun) of lowrank_bias_epilogue."""
+        if not self.rank:
+            return 0, 1, 0, 0
+        return self.act.stride(0), self.act.shape[0], self.act.stride(1), self.up.stride(0)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from dq.errors import DQError
 from dq.kernels.act_quant import rank_pad
-from dq.kernels.epilogue import lowrank_bias_epilogue, mma, tile_coords
+from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, mma, tile_coords, tile_grid
 from dq.kernels.tuning import launch, m_key
 from dq.kernels.w4a4_gemm import unpack_int4
 
@@ -131,7 +131,7 @@ def splitk_plan(N: int, groups: int, sms: int) -> tuple[int, int]:
     return block_n, (max(ok) if ok else 1)
 
 
-def _w4a16_small_m(x, qweight, weight_scale, bias, group_size, lora_act, lu, c, plan=None):
+def _w4a16_small_m(x, qweight, weight_scale, bias, group_size, lr: LowRankOperands, c, plan=None):
     M, K = x.shape
     N = qweight.shape[0]
     groups = K // group_size
@@ -144,15 +144,12 @@ def _w4a16_small_m(x, qweight, weight_scale, bias, group_size, lora_act, lu, c, 
         x.stride(0), qweight.stride(0), weight_scale.stride(0), part.stride(0), part.stride(1),
         GROUP=group_size, GPP=gpp, UPCAST=not x.is_cuda, BLOCK_M=SMALL_M, BLOCK_N=block_n, num_warps=4,
     )
-    rank = 0 if lora_act is None else lora_act.shape[2]
     rb = 64
     _splitk_reduce_kernel[(triton.cdiv(N, rb),)](
-        part, bias if bias is not None else c, lora_act if rank else c, lu if rank else c, c,
-        M, N, rank, splits,
-        part.stride(0), part.stride(1),
-        lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1, lora_act.stride(1) if rank else 0,
-        lu.stride(0) if rank else 0, c.stride(0),
-        HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not x.is_cuda,
+        part, bias if bias is not None else c, *lr.pointers(c), c,
+        M, N, lr.rank, splits,
+        part.stride(0), part.stride(1), *lr.strides(), c.stride(0),
+        HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not x.is_cuda,
         BLOCK_M=SMALL_M, BLOCK_N=rb, num_warps=4,
     )
     return c
@@ -188,27 +185,19 @@ def w4a16_linear(
         x = x / smooth.to(x.dtype)
     x = x.contiguous()
     rank = 0 if lora_down is None else lora_down.shape[0]
-    lora_act = (x.to(lora_down.dtype) @ lora_down.t()).unsqueeze(0) if rank else None
-    lu = lora_up.contiguous() if rank else None
+    lr = LowRankOperands.of(x.to(lora_down.dtype) @ lora_down.t() if rank else None, lora_up, N)
     c = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return c
     if (M <= SMALL_M) if small_m is None else small_m:
         if M > SMALL_M:
             raise DQError(f"the split-K GEMV path takes at most {SMALL_M} tokens, got {M}.")
-        return _w4a16_small_m(x, qweight, weight_scale, bias, group_size, lora_act, lu, c, splitk_plan_override)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
+        return _w4a16_small_m(x, qweight, weight_scale, bias, group_size, lr, c, splitk_plan_override)
     launch(
-        _w4a16_kernel, "w4a16", grid, x.device,
-        (x, qweight, weight_scale, bias if bias is not None else c,
-         lora_act if rank else c, lu if rank else c, c,
-         M, N, K, rank, m_key(M),
-         x.stride(0), qweight.stride(0), weight_scale.stride(0),
-         lora_act.stride(0) if rank else 0, 1, lora_act.stride(1) if rank else 0,
-         lu.stride(0) if rank else 0, c.stride(0)),
-        dict(GROUP=group_size, HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
+        _w4a16_kernel, "w4a16", tile_grid(M, N), x.device,
+        (x, qweight, weight_scale, bias if bias is not None else c, *lr.pointers(c), c,
+         M, N, K, lr.rank, m_key(M),
+         x.stride(0), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
+        dict(GROUP=group_size, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda),
     )
     return c

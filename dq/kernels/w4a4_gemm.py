@@ -23,7 +23,7 @@ import triton.language as tl
 
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations, rank_pad
-from dq.kernels.epilogue import lowrank_bias_epilogue, tile_coords
+from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
 from dq.kernels.tuning import launch, m_key
 
 
@@ -33,13 +33,6 @@ def unpack_int4(p):
     lo = (p << 4).to(tl.int8, bitcast=True) >> 4
     hi = p.to(tl.int8, bitcast=True) >> 4
     return lo, hi
-
-
-def _as_partials(lora_act: torch.Tensor | None) -> torch.Tensor | None:
-    """lora_act as [C, M, R] partial sums (a 2-D [M, R] tensor is one partial)."""
-    if lora_act is None or lora_act.dim() == 3:
-        return lora_act
-    return lora_act.unsqueeze(0)
 
 
 @triton.jit
@@ -61,8 +54,6 @@ def _w4_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, GROUP // 2)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     # Rows past M / N are clamped (not masked) so loads stay unpredicated; their results are never stored.
     rm = tl.minimum(offs_m, M - 1)
     rn = tl.minimum(offs_n, N - 1)
@@ -121,27 +112,16 @@ def w4_gemm(
         raise DQError(f"weight scales {tuple(weight_scale.shape)} do not match [{N}, K/{group_size}] for K={K}.")
     if a.shape[1] != (K if a_int8 else K // 2):
         raise DQError(f"activations {tuple(a.shape)} do not match weights with K={K}.")
-    lora_act = _as_partials(lora_act)
-    rank = 0 if lora_act is None else lora_act.shape[2]
-    if rank and (lora_up is None or lora_up.shape != (N, rank)):
-        raise DQError(f"lora_up must be [{N}, {rank}], got {None if lora_up is None else tuple(lora_up.shape)}.")
+    lr = LowRankOperands.of(lora_act, lora_up, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
-    lu = lora_up.contiguous() if rank else None
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     launch(
-        _w4_gemm_kernel, "w4", grid, a.device,
-        (a, a_scale, qweight, weight_scale, bias if bias is not None else c,
-         lora_act if rank else c, lu if rank else c, c,
-         M, N, K, rank, m_key(M),
-         a.stride(0), qweight.stride(0), weight_scale.stride(0),
-         lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1,
-         lora_act.stride(1) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
-        dict(GROUP=group_size, A_INT8=a_int8, HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
+        _w4_gemm_kernel, "w4", tile_grid(M, N), a.device,
+        (a, a_scale, qweight, weight_scale, bias if bias is not None else c, *lr.pointers(c), c,
+         M, N, K, lr.rank, m_key(M),
+         a.stride(0), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
+        dict(GROUP=group_size, A_INT8=a_int8, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda),
     )
     return c
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from dq.errors import DQError
 from dq.kernels.act_quant import BYTE_SCALE, FMT_INT4_FP8, FMT_INT4_I8, quantize_activations, rank_pad
-from dq.kernels.epilogue import lowrank_bias_epilogue, tile_coords
+from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
 from dq.kernels.tuning import launch, m_key
 
 logger = logging.getLogger(__name__)
@@ -154,27 +154,17 @@ def w4a4_mma8_gemm(
     if a_scale.shape != (2, K // group_size, m_pad) or a_scale.stride(-1) != 1:
         raise DQError(f"activation scales must be [2, {K // group_size}, {m_pad}] (scales, corrections), "
                       f"got {tuple(a_scale.shape)}.")
-    rank = 0 if lora_act is None else lora_act.shape[2]
-    if rank and (lora_up is None or lora_up.shape != (N, rank)):
-        raise DQError(f"lora_up must be [{N}, {rank}], got {None if lora_up is None else tuple(lora_up.shape)}.")
+    lr = LowRankOperands.of(lora_act, lora_up, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
-    lu = lora_up.contiguous() if rank else None
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     launch(
-        _w4a4_mma8_kernel, "w4a4_mma8", grid, a.device,
-        (a, a_scale, qweight, weight_scale, bias if bias is not None else c,
-         lora_act if rank else c, lu if rank else c, c,
-         M, N, K, rank, m_key(M),
-         a.stride(0), a_scale.stride(1), qweight.stride(0), weight_scale.stride(0),
-         lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1,
-         lora_act.stride(1) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
-        dict(GROUP=group_size, MMA_FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, HAS_LORA=rank > 0,
-             R_PAD=rank_pad(rank), UPCAST=not c.is_cuda, USE_ASM=c.is_cuda if use_asm is None else use_asm,
+        _w4a4_mma8_kernel, "w4a4_mma8", tile_grid(M, N), a.device,
+        (a, a_scale, qweight, weight_scale, bias if bias is not None else c, *lr.pointers(c), c,
+         M, N, K, lr.rank, m_key(M),
+         a.stride(0), a_scale.stride(1), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
+        dict(GROUP=group_size, MMA_FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0,
+             R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda, USE_ASM=c.is_cuda if use_asm is None else use_asm,
              SCALED=not diag_unscaled),
     )
     return c

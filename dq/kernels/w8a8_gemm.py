@@ -13,9 +13,8 @@ import triton.language as tl
 
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_FP8, FMT_INT8, quantize_activations, rank_pad
-from dq.kernels.epilogue import lowrank_bias_epilogue, tile_coords
+from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
 from dq.kernels.tuning import block_k, launch, m_key
-from dq.kernels.w4a4_gemm import _as_partials
 
 
 @triton.jit
@@ -78,27 +77,17 @@ def w8_gemm(
         raise DQError(f"8-bit weights must be {a.dtype} [N, {K}] row-major, got {qweight.dtype} {tuple(qweight.shape)}.")
     if weight_scale.numel() != N:
         raise DQError(f"W8A8 kernels take one weight scale per output channel ({N}), got {tuple(weight_scale.shape)}.")
-    lora_act = _as_partials(lora_act)
-    rank = 0 if lora_act is None else lora_act.shape[2]
-    if rank and (lora_up is None or lora_up.shape != (N, rank)):
-        raise DQError(f"lora_up must be [{N}, {rank}].")
+    lr = LowRankOperands.of(lora_act, lora_up, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
-    lu = lora_up.contiguous() if rank else None
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     launch(
-        _w8_gemm_kernel, "w8", grid, a.device,
-        (a, a_scale, qweight, weight_scale.reshape(-1), bias if bias is not None else c,
-         lora_act if rank else c, lu if rank else c, c,
-         M, N, K, rank, m_key(M),
-         a.stride(0), qweight.stride(0), lora_act.stride(0) if rank else 0, lora_act.shape[0] if rank else 1,
-         lora_act.stride(1) if rank else 0, lu.stride(0) if rank else 0, c.stride(0)),
+        _w8_gemm_kernel, "w8", tile_grid(M, N), a.device,
+        (a, a_scale, qweight, weight_scale.reshape(-1), bias if bias is not None else c, *lr.pointers(c), c,
+         M, N, K, lr.rank, m_key(M),
+         a.stride(0), qweight.stride(0), *lr.strides(), c.stride(0)),
         dict(IS_FP8=a.dtype != torch.int8, EVEN_K=K % block_k("w8", a.device) == 0,
-             HAS_BIAS=bias is not None, HAS_LORA=rank > 0, R_PAD=rank_pad(rank), UPCAST=not c.is_cuda),
+             HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda),
     )
     return c
 
