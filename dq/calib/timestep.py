@@ -175,6 +175,7 @@ def calibrate_activations(
     names = {id(q): n for n, q in quantizers.items()}
     obs_cls = OBSERVERS.get(observer)
     current = {"step": -1}
+    found: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {id(q): {} for q in quantizers.values()}
     for g in tqdm(range(n_groups), desc="dq: activation scales", leave=False):
         members = data.samples if ranges is None else [
             s for s in data.samples if int(nearest_group(ranges, torch.tensor([s.timestep]))[0]) == g
@@ -201,12 +202,19 @@ def calibrate_activations(
             for h in handles:
                 h.remove()
         for q in quantizers.values():
-            if observers[id(q)].empty:
-                raise DQError(
-                    f"layer {names[id(q)]!r} received no input while replaying timestep group {g} of the calibration "
-                    "data, so its activation scale cannot be set; skip the layer in the recipe."
-                )
-            scale, zero = observers[id(q)].compute()
+            if not observers[id(q)].empty:
+                found[id(q)][g] = observers[id(q)].compute()
+    for q in quantizers.values():
+        seen = found[id(q)]
+        if not seen:
+            raise DQError(
+                f"layer {names[id(q)]!r} received no input while replaying the calibration data, so its activation "
+                "scale cannot be set; skip the layer in the recipe."
+            )
+        for g in range(n_groups):
+            # A layer a step cache skips on some steps has no statistics in groups of only those steps (it does
+            # not run there); such a group takes the scale of the nearest group in timestep order.
+            scale, zero = seen[g] if g in seen else seen[min(seen, key=lambda k: (abs(k - g), k))]
             if ranges is None:
                 q.scale = scale.reshape(q.scale.shape).to(device)
                 if q.zero is not None:

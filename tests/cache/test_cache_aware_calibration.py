@@ -90,3 +90,20 @@ def test_adaptive_cache_cannot_be_replayed(pixart):
     with pytest.raises(DQError, match="disable_cache"):
         dq.quantize(pipe, "w4a8-timestep", calib=_calib_config(kw))
     dq.disable_cache(pipe)
+
+
+def test_per_step_scales_of_layers_a_cache_skips_come_from_the_nearest_step(pixart):
+    pipe, kw = pixart
+    recipe = dq.Recipe.from_dict({
+        "name": "w8a8-per-step", "weight": {"format": "int8", "granularity": "channel"},
+        "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
+        "method": "timestep", "needs_data": True, "options": {"timestep_groups": 4},
+    })
+    dq.enable_cache(pipe, BlockCacheConfig(interval=2, blocks=(1, 2)))  # block 1 runs on steps 0 and 2 only
+    dq.quantize(pipe, recipe, calib=_calib_config(kw, steps=4, samples=2))
+    dq.disable_cache(pipe)
+    skipped = pipe.transformer.get_submodule("transformer_blocks.1.attn1.to_q").act_quantizer.scale.flatten()
+    ran = pipe.transformer.get_submodule("transformer_blocks.0.attn1.to_q").act_quantizer.scale.flatten()
+    assert len(set(ran.tolist())) == 4  # a layer that always runs has its own scale at every step
+    # a layer inside the cached range has statistics of the 2 steps it ran; the other 2 reuse a neighbour's
+    assert len(set(skipped.tolist())) == 2
