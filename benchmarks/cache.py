@@ -9,7 +9,8 @@ prompts, image quality), and quantized + cache, all vs FP:
 - naive: the recipe calibrated without the cache, then the uniform cache;
 - CacheQuant: DP schedule (quantized model's cost against FP features), the recipe calibrated with that
   cache enabled (cache-aware calibration), then DEC (cached-feature correction, per-channel "affine" as
-  the paper or mean "shift", and the consumer layers' quantization correction).
+  the paper or mean "shift", and the consumer layers' quantization correction);
+- cache-aware calibration alone: W8A8 with per-step activation scales fitted uncached vs on the cached run.
 
     python benchmarks/cache.py --models ref-sd,ref-pixart --intervals 2,3,5 --prompts 32 --steps 20
 Writes benchmarks/results/cache_cpu.json and .md.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ from dq.cache import (
     uniform_schedule,
 )
 from dq.cache.api import denoiser_of
+from dq.recipes import load_recipe
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -189,6 +192,13 @@ def bench_model(name: str, intervals: list[int], n_prompts: int, steps: int, rec
     return result
 
 
+def per_step_recipe(steps: int) -> dq.Recipe:
+    """W8A8 with one static min-max activation scale per denoising step (CacheQuant's per-step scales)."""
+    base = load_recipe("w4a8-timestep")
+    return dataclasses.replace(base, name="w8a8-per-step", weight=dataclasses.replace(base.weight, format="int8"),
+                               options={**base.options, "timestep_groups": steps})
+
+
 def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, timing_prompts) -> dict[str, Any]:
     """quantized alone; + naive uniform cache; CacheQuant (DP, cache-aware calibration, DEC affine / shift)."""
     base = "deepcache" if name == "ref-sd" else "block-cache"
@@ -211,6 +221,17 @@ def bench_quant_cache(pipe, name, recipe, n, prompts, steps, quality, calib, tim
     for fit in ("affine", "shift"):
         config = calibrate_cachequant(aware, calib, interval=n, fp_pipe=pipe, dec=fit, base=base, refresh_steps=schedule.refresh_steps)
         out[f"cachequant-{fit}"] = run_cached(pipe, aware, name, config, prompts, steps, quality, timing_prompts)
+    # Cache-aware calibration on its own, with CacheQuant's per-step activation scales: fitted uncached vs on
+    # the cached run (same uniform cache at inference).
+    per_step = per_step_recipe(steps)
+    every_step = dataclasses.replace(calib_config, sampling="all")
+    for label, aware_calib in (("per-step naive", False), ("per-step cache-aware", True)):
+        p = copy.deepcopy(pipe)
+        if aware_calib:
+            dq.enable_cache(p, cache_config(name, n))
+        dq.quantize(p, per_step, calib=every_step)
+        dq.disable_cache(p)
+        out[label] = run_cached(pipe, p, name, cache_config(name, n), prompts, steps, quality, timing_prompts)
     print(name, "quant+cache", out, flush=True)
     return out
 
@@ -229,6 +250,9 @@ def markdown(results: dict[str, Any]) -> str:
         for q in ("naive", "cachequant-affine", "cachequant-shift"):
             if q in r.get("quant_cache", {}):
                 rows[f"{r['quant_cache']['recipe']} + {q} N={r['quant_cache']['interval']}"] = r["quant_cache"][q]
+        for q in ("per-step naive", "per-step cache-aware"):
+            if q in r.get("quant_cache", {}):
+                rows[f"w8a8 {q} + uniform N={r['quant_cache']['interval']}"] = r["quant_cache"][q]
         for label, c in rows.items():
             lines.append(f"| {label} | {c['denoise_speedup']:.2f}x | {c['call_speedup']:.2f}x | {c['block_eval_fraction']:.3f} "
                          f"| {c['psnr_vs_fp']:.2f} | {c['clip']:.2f} | {c['fid_vs_fp']:.3f} |")
