@@ -40,9 +40,10 @@ class LowRankOperands:
             raise DQError(f"lora_up must be [{n}, {rank}], got {None if lora_up is None else tuple(lora_up.shape)}.")
         return cls(lora_act if rank else None, lora_up.contiguous() if rank else None, rank)
 
-    def pointers(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(la_ptr, lu_ptr): the operands, or any valid tensor when there is no branch."""
-        return (self.act, self.up) if self.rank else (placeholder, placeholder)
+    def pointers(self, unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(la_ptr, lu_ptr): the operands; without a branch the kernel never reads them, so `unread` (any
+        tensor on the device, e.g. the output) stands in for both."""
+        return (self.act, self.up) if self.rank else (unread, unread)
 
     def strides(self) -> tuple[int, int, int, int]:
         """(stride_las, LA_SPLITS, stride_lam, stride_lun) of lowrank_bias_epilogue."""
