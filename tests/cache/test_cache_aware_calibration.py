@@ -16,6 +16,15 @@ def _calib_config(kw, steps=4, samples=2, **overrides):
                        pipeline_kwargs=kw, **overrides)
 
 
+def _static_w8a8(timestep_groups: int) -> dq.Recipe:
+    """W8A8 with static min-max activation scales, one per timestep group (data-calibrated)."""
+    return dq.Recipe.from_dict({
+        "name": f"w8a8-static-{timestep_groups}", "weight": {"format": "int8", "granularity": "channel"},
+        "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
+        "method": "timestep", "needs_data": True, "options": {"timestep_groups": timestep_groups},
+    })
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
 
@@ -64,11 +73,7 @@ def test_cached_calibration_data_is_keyed_by_the_cache(sd, tmp_path):
 
 def test_quantize_with_a_cache_calibrates_on_cached_steps(sd):
     pipe, kw = sd
-    recipe = dq.Recipe.from_dict({
-        "name": "w8a8-static", "weight": {"format": "int8", "granularity": "channel"},
-        "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
-        "method": "timestep", "needs_data": True, "options": {"timestep_groups": 1},
-    })
+    recipe = _static_w8a8(timestep_groups=1)
     consumer = "up_blocks.1.resnets.0.conv1"  # DeepCache branch 0: the first up layer reading the cached feature
 
     def calibrated_scale(with_cache: bool) -> torch.Tensor:
@@ -94,11 +99,7 @@ def test_adaptive_cache_cannot_be_replayed(pixart):
 
 def test_per_step_scales_of_layers_a_cache_skips_come_from_the_nearest_step(pixart):
     pipe, kw = pixart
-    recipe = dq.Recipe.from_dict({
-        "name": "w8a8-per-step", "weight": {"format": "int8", "granularity": "channel"},
-        "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
-        "method": "timestep", "needs_data": True, "options": {"timestep_groups": 4},
-    })
+    recipe = _static_w8a8(timestep_groups=4)
     dq.enable_cache(pipe, BlockCacheConfig(interval=2, blocks=(1, 2)))  # block 1 runs on steps 0 and 2 only
     dq.quantize(pipe, recipe, calib=_calib_config(kw, steps=4, samples=2))
     dq.disable_cache(pipe)

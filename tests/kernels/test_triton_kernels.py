@@ -9,9 +9,10 @@ import torch
 
 from dq.errors import DQError
 from dq.kernels import tuning
-from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT8, quantize_activations
+from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8, FMT_INT8, quantize_activations
 from dq.kernels.reference import quantized_linear_reference
 from dq.kernels.w4a4_gemm import w4_gemm, w4_linear
+from dq.kernels.w4a4_mma8 import mma8_mode, offset_operands, self_check, w4a4_mma8_gemm, w4a4_mma8_linear
 from dq.kernels.w4a16_gemm import w4a16_linear
 from dq.kernels.w8a8_gemm import w8a8_linear
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, fake_quantize, pack_4bit, quantize, weight_scales
@@ -32,6 +33,16 @@ def w4a8_linear(x, qweight, weight_scale, bias, group_size, *rest):
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def linear_inputs(M, N, K, rank, dtype=torch.bfloat16):
+    """Random x [M, K], bias [N], smoothing [K] and rank-`rank` low-rank factors (None for rank 0)."""
+    x = torch.randn(M, K).to(dtype)
+    b = torch.randn(N).to(dtype)
+    sm = (torch.rand(K) + 0.5).to(dtype)
+    ld = (torch.randn(rank, K) * 0.1).to(dtype) if rank else None
+    lu = (torch.randn(N, rank) * 0.1).to(dtype) if rank else None
+    return x, b, sm, ld, lu
 
 
 def make_weight(N, K, spec, fmt):
@@ -102,11 +113,7 @@ KIND_DTYPES = [(k, d) for k in ("w4a4", "w4a8", "w4a16", "w8a8", "fp8") for d in
 @pytest.mark.parametrize("kind,dtype", KIND_DTYPES)
 def test_linear_matches_reference(kind, dtype, M, N, K, rank):
     torch.manual_seed(M * N + K + rank)
-    x = torch.randn(M, K).to(dtype)
-    b = torch.randn(N).to(dtype)
-    sm = (torch.rand(K) + 0.5).to(dtype)
-    ld = (torch.randn(rank, K) * 0.1).to(dtype) if rank else None
-    lu = (torch.randn(N, rank) * 0.1).to(dtype) if rank else None
+    x, b, sm, ld, lu = linear_inputs(M, N, K, rank, dtype)
     if kind in ("w4a4", "w4a8", "w4a16"):
         qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
         fn = {"w4a4": w4a4_linear, "w4a8": w4a8_linear, "w4a16": w4a16_linear}[kind]
@@ -209,11 +216,7 @@ def test_w4_gemm_gpu_tiles(monkeypatch, kind, tile, M, N, K, rank):
     """The W4A4/W4A8 GEMM at every tile the H200 autotuner can pick (M, N, K not multiples of it)."""
     monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(M + N + K + rank + tile[0])
-    x = torch.randn(M, K).bfloat16()
-    b = torch.randn(N).bfloat16()
-    sm = (torch.rand(K) + 0.5).bfloat16()
-    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
-    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    x, b, sm, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
     act = QuantSpec("int4", PerToken(64)) if kind == "w4a4" else QuantSpec("int8", PerToken())
     # W4A4 here is the unpacking INT8 kernel (the fallback); the byte-code kernel has its own tile tests below.
@@ -243,9 +246,7 @@ def test_w8_gemm_gpu_tiles(monkeypatch, tile, rank):
     monkeypatch.setattr(tuning, "INTERPRET_BLOCK_K", 128)
     torch.manual_seed(tile[1] + rank)
     M, N, K = 37, 150, 320
-    x = torch.randn(M, K).bfloat16()
-    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
-    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    x, _, _, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int8", PerChannel()), "int8")
     y = w8a8_linear(x, qw, sw, None, None, ld, lu)
     ref = quantized_linear_reference(x, qw, sw, None, None, weight_format="int8", in_features=K,
@@ -259,10 +260,7 @@ def test_w4a16_small_m_splitk(M, plan, rank):
     """The split-K GEMV path (M <= 16) for several (BLOCK_N, groups/program), N not a multiple of BLOCK_N."""
     torch.manual_seed(M + plan[1] + rank)
     N, K = 90, 960  # 15 groups of 64
-    x = torch.randn(M, K).bfloat16()
-    b = torch.randn(N).bfloat16()
-    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
-    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    x, b, _, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
     y = w4a16_linear(x, qw, sw, b, 64, None, ld, lu, small_m=True, splitk_plan_override=plan)
     ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K, act_spec=None,
@@ -280,8 +278,6 @@ def test_splitk_plan_fills_gpu():
 
 # --- W4A4 on 8-bit tensor cores (dq.kernels.w4a4_mma8): byte activation codes, offset-encoded weights ---
 
-from dq.kernels.act_quant import FMT_INT4_FP8, FMT_INT4_I8  # noqa: E402
-from dq.kernels.w4a4_mma8 import mma8_mode, offset_operands, self_check, w4a4_mma8_gemm, w4a4_mma8_linear  # noqa: E402
 
 _PERM = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # a group's (even k, odd k) order
 MODES = ["fp8", "int8"]
@@ -335,11 +331,7 @@ def test_w4a4_mma8_linear_gpu_tiles(monkeypatch, tile, M, N, K, rank, mode):
     """The 8-bit-MMA W4A4 layer vs the reference at H200 tiles, with and without the low-rank branch."""
     monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(M + N + K + rank + tile[1])
-    x = torch.randn(M, K).bfloat16()
-    b = torch.randn(N).bfloat16()
-    sm = (torch.rand(K) + 0.5).bfloat16()
-    ld = (torch.randn(rank, K) * 0.1).bfloat16() if rank else None
-    lu = (torch.randn(N, rank) * 0.1).bfloat16() if rank else None
+    x, b, sm, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
     y = w4a4_mma8_linear(x, qw, sw, b, 64, sm, ld, lu, mode=mode)
     ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K,
