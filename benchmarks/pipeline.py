@@ -6,6 +6,7 @@ and the denoiser gets correctly shaped dummy inputs for one 1024x1024 image.
 
     python benchmarks/pipeline.py flux [--recipes bf16,w8a8,w4a16,w4a4,w4a4_lr] [--steps 5]
     dq bench pipeline MODEL          (calls main(argv))
+    dq bench pipeline sd15|sdxl|pixart --device cpu     (FP32 vs bundled recipes on the CPU: pipeline_cpu.py)
 
 Recipes (dynamic activations, RTN weights; what matters here is speed and bytes, not quality):
     w8a8     INT8 per-channel weights, INT8 per-token activations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -130,6 +132,13 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def _device_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda: 16-bit denoisers on the GPU (this script); cpu: FP32 vs bundled recipes (pipeline_cpu.py)")
+    return p
+
+
 def time_steps(model: nn.Module, inputs: dict, steps: int, warmup: int, graph: bool) -> tuple[float, list[float]]:
     """(median ms per denoiser call, all times). With graph, the step is captured once in a CUDA graph
     after warm-up and replayed, which removes Python/launch overhead for every recipe alike."""
@@ -156,7 +165,13 @@ def time_steps(model: nn.Module, inputs: dict, steps: int, warmup: int, graph: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Per-step denoiser latency and peak memory of dq recipes vs bf16.")
+    device, _ = _device_parser().parse_known_args(argv)
+    if device.device == "cpu":
+        import pipeline_cpu
+
+        return pipeline_cpu.main(argv)
+    p = argparse.ArgumentParser(description="Per-step denoiser latency and peak memory of dq recipes vs bf16.",
+                                parents=[_device_parser()])
     p.add_argument("model", choices=["flux", "pixart"], help="denoiser architecture (full size, random weights)")
     p.add_argument("--recipes", default="bf16,w8a8,w4a16,w4a8,w4a4,w4a4_lr")
     p.add_argument("--steps", type=int, default=5)

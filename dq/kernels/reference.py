@@ -1,19 +1,38 @@
-"""Torch reference ops: the exact math every kernel implements, run on CPU (and used to check kernels).
+"""Torch reference ops: the math every kernel implements, and how the CPU runs the deployed layers.
 
     y = Q(x / smooth) @ deq(W)^T + ((x / smooth) @ lora_down^T) @ lora_up^T + bias
 
 Q is the activation quantizer (dynamic, per token and optionally per group); deq(W) dequantizes the
-stored weight. When both sides are INT8 with one scale per row (per-token activations, per-channel
-weights, no zero point) the product runs as a real integer GEMM through torch._int_mm.
+stored weight. Everything runs in FP32, in one of two forms:
+
+* float GEMM (every CPU without fast 8-bit dot products, every format): the packed codes are expanded
+  to FP32 in a reused buffer (one layer at a time; the stored weight stays packed), and one FP32 GEMM
+  runs. A scale that is constant along K (per-output-channel weight scales, per-token activation
+  scales) is applied to the GEMM's output instead of its operand, so a W8A8 layer multiplies integer
+  codes; group scales are applied to the operand (codes times 16-bit scales are exact in FP32; a
+  fake-quantized activation q * s carries one rounding, relative 2^-24).
+  The GEMM accumulates in FP32 rather than exactly: integer codes sum exactly while every partial sum
+  stays below 2^24 (always for INT8 x INT8 with K <= 1032); beyond that, and for scaled operands, the
+  error against exact accumulation is at most gamma_K * sum_k |a_k b_k|, gamma_K = K u / (1 - K u),
+  u = 2^-24, in any summation order (tests/kernels/test_cpu_path.py checks both).
+* integer GEMM (INT8 per-token activations x INT8 per-channel weights, on CUDA fallbacks and on CPUs
+  where dq.kernels.cpu_gemm says torch._int_mm is fast): exact INT32 accumulation, then both scales.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 
-from dq.quant import PerToken, QuantSpec, dynamic_range, fake_quantize, scales_from_range
-from dq.quant.storage import dequantize_stored
+from dq.kernels.cpu_gemm import int8_gemm_is_fast
+from dq.quant import PerToken, QuantSpec, dynamic_codes, dynamic_range, fake_quantize, get_format, scales_from_range
+from dq.quant.packing import new_tensor
+from dq.quant.storage import decode_codes, dequantize_stored
+
+_scratch = threading.local()
 
 
 def int8_rowwise(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +44,7 @@ def int8_rowwise(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 
 def uses_int_mm(weight_format: str, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None, act_spec: QuantSpec | None) -> bool:
-    """True when the INT8 x INT8 integer GEMM computes this layer exactly."""
+    """True when an INT8 x INT8 integer GEMM computes this layer exactly."""
     return (
         weight_format == "int8"
         and weight_zero is None
@@ -35,6 +54,58 @@ def uses_int_mm(weight_format: str, weight_scale: torch.Tensor, weight_zero: tor
         and act_spec.symmetric
         and act_spec.granularity == PerToken(None)
     )
+
+
+def _integer_gemm_pays(x: torch.Tensor, int_gemm: bool | None) -> bool:
+    if x.is_cuda:
+        return x.shape[0] > 16  # torch._int_mm needs more than 16 rows on CUDA
+    return int8_gemm_is_fast() if int_gemm is None else int_gemm
+
+
+def _reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's buffer `name`, grown to the largest request so far (an Allocator of dq.quant.packing).
+
+    A deployed CPU layer unpacks its weight on every call; a fresh multi-megabyte tensor per call costs
+    more in page faults than the unpacking itself, so the buffers stay (about one FP32 copy of the
+    largest layer's weight in all: the transient memory of the float-GEMM path).
+    """
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    flat = buffers.get((name, dtype))
+    if flat is None or flat.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            flat = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape)
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's reused weight buffers."""
+    return sum(t.numel() * t.element_size() for t in _scratch.__dict__.get("buffers", {}).values())
+
+
+def weight_operand(
+    qweight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None, weight_format: str, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(FP32 [out, in] GEMM operand, per-output-channel scale [out] to apply to the GEMM output, or None).
+
+    Symmetric per-channel weights give their grid values and the scale apart; others the dequantized weight.
+    On CPU without autograd the operand lives in a reused buffer: use it before the next call.
+    """
+    reuse = not qweight.is_cuda and not torch.is_grad_enabled()
+    alloc = _reused_buffer if reuse else new_tensor
+    if weight_zero is None and weight_scale.shape == (qweight.shape[0], 1):
+        return decode_codes(qweight, weight_format, alloc)[:, :in_features], weight_scale.float().reshape(-1)
+    return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), None
+
+
+def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None)."""
+    if act_spec is None:
+        return x2, None
+    one_scale_per_row = act_spec.symmetric and act_spec.granularity == PerToken(None) and act_spec.scale_format is None
+    if one_scale_per_row and not (torch.is_grad_enabled() and x2.requires_grad):
+        return dynamic_codes(x2, act_spec)
+    return fake_quantize(x2, act_spec), None
 
 
 def quantized_linear_reference(
@@ -50,25 +121,38 @@ def quantized_linear_reference(
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
+    int_gemm: bool | None = None,
 ) -> torch.Tensor:
-    """Reference quantized linear; x is [..., in_features], returns [..., out_features] in x.dtype."""
+    """Reference quantized linear; x is [..., in_features], returns [..., out_features] in x.dtype.
+
+    int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
+    True / False force the integer / the float GEMM.
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if smooth is not None:
-        x2 = x2 / smooth.to(x2.dtype)
-    if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec):
-        xq, xs = int8_rowwise(x2, act_spec)
-        if xq.is_cuda and xq.shape[0] > 16:
-            acc = torch._int_mm(xq, qweight.t().contiguous())
-        else:  # _int_mm needs more than 16 rows on CUDA; float64 holds every INT8 dot product exactly
-            acc = xq.double() @ qweight.t().double()
-        y = acc.float() * xs * weight_scale.float().reshape(1, -1)
+        x2 = x2 / smooth.to(x2.dtype)  # in the activations' dtype, as the kernels smooth
+    x2 = x2.float()
+    b = None if bias is None else bias.float()
+    if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
+        xq, row_scale = int8_rowwise(x2, act_spec)
+        y = torch._int_mm(xq, qweight.t().contiguous()).float()
+        col_scale = weight_scale.float().reshape(-1)
     else:
-        w = dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features)
-        xa = x2.float() if act_spec is None else fake_quantize(x2.float(), act_spec)
-        y = F.linear(xa, w)
+        xa, row_scale = act_operand(x2, act_spec)
+        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features)
+        y = F.linear(xa, w, b if row_scale is None and col_scale is None else None)
+    if row_scale is not None or col_scale is not None:
+        y = _scale_output(y, row_scale, col_scale, b)
     if lora_down is not None and lora_down.shape[0] > 0:
-        y = y + (x2.to(lora_down.dtype) @ lora_down.t() @ lora_up.t()).float()
-    if bias is not None:
-        y = y + bias.float()
+        y = y.addmm_(x2 @ lora_down.float().t(), lora_up.float().t())
     return y.to(x.dtype).reshape(*lead, -1)
+
+
+def _scale_output(y: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """y * row_scale * col_scale + bias, in place on the GEMM output (a fresh tensor)."""
+    if row_scale is not None:
+        y = y.mul_(row_scale)
+    if col_scale is not None:
+        y = y.mul_(col_scale)
+    return y if bias is None else y.add_(bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dq.kernels.reference import weight_operand
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec
 
@@ -13,7 +14,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """nn.Conv2d with quantized weight (flattened to [out, in/groups*kh*kw]) and quantized input.
 
     Activation granularity is over channels: a "token" is one pixel of one image. The deployed
-    forward dequantizes the packed weight and runs the float convolution (no low-bit conv kernel yet).
+    forward unpacks the weight into a reused float buffer (dq.kernels.reference.weight_operand) and runs
+    the float convolution (no low-bit conv kernel yet).
     """
 
     kind = "conv2d"
@@ -55,9 +57,21 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             return x
         return self.act_quantizer(x.movedim(1, -1)).movedim(-1, 1)
 
+    def deployed_weight_operand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float weight operand [out, in/groups*kh*kw], per-output-channel scale for the output or None)."""
+        return weight_operand(self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format,
+                              self.weight_2d_shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fake_quantized_weight() if not self.deployed else self.dequantized_weight().to(x.dtype)
-        return self._conv_forward(self._quantize_input(x), w, self.bias)
+        if not self.deployed:
+            return self._conv_forward(self._quantize_input(x), self.fake_quantized_weight(), self.bias)
+        w, out_scale = self.deployed_weight_operand()
+        w = w.reshape(self.weight_shape).to(x.dtype)
+        if out_scale is None:
+            return self._conv_forward(self._quantize_input(x), w, self.bias)
+        # Per-channel weight scales multiply the (smaller) output instead of the weight.
+        y = self._conv_forward(self._quantize_input(x), w, None).mul_(out_scale.to(x.dtype).view(1, -1, 1, 1))
+        return y if self.bias is None else y.add_(self.bias.view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"

@@ -134,6 +134,9 @@ class QuantSplitConv2d(QuantConv2d):
             halves.append(w2d.reshape(self.out_channels, -1, kh, kw))
         return torch.cat(halves, dim=1).to(self.weight_dtype)
 
+    def deployed_weight_operand(self) -> tuple[torch.Tensor, None]:
+        return self.dequantized_weight().reshape(self.weight_2d_shape), None
+
     def weight_nbytes(self) -> int:
         if not self.deployed:
             return super().weight_nbytes()

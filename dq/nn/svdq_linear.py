@@ -215,17 +215,15 @@ class SVDQLinear(QuantLinear):
     def _simulate(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fake-quantized forward, the same math as the deployed kernel (fp32 accumulation)."""
         lead = x.shape[:-1]
-        xs = x.reshape(-1, self.in_features) / self.smooth.to(x.dtype)
+        xs = (x.reshape(-1, self.in_features) / self.smooth.to(x.dtype)).float()
         wq = self.fake_quantized_weight().float()
         bias = self.bias
         if self.act_shift:
             xs = xs + self.act_shift
             bias = self._shifted_bias(wq, down, up)
-        y = F.linear(self.act_quantizer(xs.float()), wq)
+        y = F.linear(self.act_quantizer(xs), wq, None if bias is None else bias.float())
         if down.shape[0] > 0:
-            y = y + (xs.to(down.dtype) @ down.t() @ up.t()).float()
-        if bias is not None:
-            y = y + bias.float()
+            y = y + (xs @ down.float().t()) @ up.float().t()
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     # -- deploy ---------------------------------------------------------------------------------------

@@ -44,18 +44,35 @@ def fake_quantize(
 def _fake_quantize_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """fake_quantize's values without autograd bookkeeping, in place: calibration searches call it on
     whole weights many times. Bit-identical to the STE path (x + (round(x) - x) == round(x) exactly)."""
+    q = _grid_no_grad(g, spec, scale, zero)
+    if zero is not None:
+        q.sub_(zero)
+    return q.mul_(scale)
+
+
+def _grid_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Grid values of g / scale + zero in a new tensor (rounded and clamped in place)."""
     q = g / scale
     if zero is not None:
         q.add_(zero)
     fmt = spec.fmt
     if fmt.is_integer:
         qmin, qmax = qrange(spec)
-        q.round_().clamp_(qmin, qmax)
-    else:
-        q = fmt.round(q.clamp_(-fmt.max_value, fmt.max_value))
-    if zero is not None:
-        q.sub_(zero)
-    return q.mul_(scale)
+        return q.round_().clamp_(qmin, qmax)
+    return fmt.round(q.clamp_(-fmt.max_value, fmt.max_value))
+
+
+@torch.no_grad()
+def dynamic_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid values [rows, k] of a 2-D x under a symmetric one-scale-per-row spec, and the [rows, 1] scales.
+
+    fake_quantize(x, spec) == codes * scale exactly; keeping the two apart lets a GEMM apply the scale
+    to its output (rows x N values) instead of to x.
+    """
+    lo, hi = dynamic_range(x.float(), spec)
+    scale, _ = scales_from_range(lo, hi, spec)
+    scale = scale.reshape(x.shape[0], 1)
+    return _grid_no_grad(x.float(), spec, scale, None), scale
 
 
 def quantize(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dq.quant.formats import FloatFormat, IntFormat, fp4_e2m1_decode, fp4_e2m1_encode, get_format
-from dq.quant.packing import pack_4bit, unpack_4bit
+from dq.quant.packing import Allocator, new_tensor, pack_4bit, unpack_4bit
 
 
 def storage_shape_dtype(format_name: str, out_features: int, in_features: int) -> tuple[tuple[int, int], torch.dtype]:
@@ -38,16 +38,19 @@ def encode_codes(grid: torch.Tensor, format_name: str) -> torch.Tensor:
     return pack_4bit(fp4_e2m1_encode(grid).to(torch.int16))
 
 
-def decode_codes(stored: torch.Tensor, format_name: str) -> torch.Tensor:
-    """Stored tensor -> float32 grid values [out, in]. Exact inverse of encode_codes."""
+def decode_codes(stored: torch.Tensor, format_name: str, alloc: Allocator = new_tensor) -> torch.Tensor:
+    """Stored tensor -> float32 grid values [out, in]. Exact inverse of encode_codes.
+
+    `alloc` gives the result and the unpacking buffers (see dq.quant.packing.new_tensor).
+    """
     fmt = get_format(format_name)
     if isinstance(fmt, IntFormat):
-        if fmt.bits <= 4:
-            return unpack_4bit(stored, signed=fmt.signed).float()
-        return stored.float()
-    if fmt.torch_dtype is not None:
-        return stored.float()
-    return fp4_e2m1_decode(unpack_4bit(stored, signed=False).to(torch.uint8))
+        codes = unpack_4bit(stored, signed=fmt.signed, alloc=alloc) if fmt.bits <= 4 else stored
+    elif fmt.torch_dtype is not None:
+        codes = stored
+    else:
+        codes = fp4_e2m1_decode(unpack_4bit(stored, signed=False, alloc=alloc).to(torch.uint8))
+    return alloc("decode_codes.grid", tuple(codes.shape), torch.float32, stored.device).copy_(codes)
 
 
 def expand_groups(scale: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -57,11 +60,23 @@ def expand_groups(scale: torch.Tensor, out_features: int, in_features: int) -> t
 
 
 def dequantize_stored(
-    stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, format_name: str, in_features: int
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    format_name: str,
+    in_features: int,
+    alloc: Allocator = new_tensor,
 ) -> torch.Tensor:
-    """Stored codes + [rows, groups] scales (and zero points) -> float32 weight [out, in]."""
-    grid = decode_codes(stored, format_name)[:, :in_features]
-    out = grid.shape[0]
+    """Stored codes + [rows, groups] scales (and zero points) -> float32 weight [out, in].
+
+    Codes times 16-bit scales are exact in float32 (at most 8 + 11 significant bits), so this is the
+    exact dequantized weight; scales apply in place over a [out, groups, group size] view.
+    """
+    grid = decode_codes(stored, format_name, alloc)
+    if grid.shape[1] != in_features:
+        grid = grid[:, :in_features].contiguous()
+    rows, groups = scale.shape
+    view = grid.view(grid.shape[0], groups, in_features // groups)
     if zero is not None:
-        grid = grid - expand_groups(zero, out, in_features)
-    return grid * expand_groups(scale, out, in_features)
+        view.sub_(zero.float().unsqueeze(-1))
+    return view.mul_(scale.float().unsqueeze(-1)).view(grid.shape)
