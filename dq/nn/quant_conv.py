@@ -7,7 +7,7 @@ from torch import nn
 
 from dq.kernels.reference import weight_operand
 from dq.nn.base import QuantLayerMixin
-from dq.quant import QuantSpec
+from dq.quant import QuantSpec, fake_quantize_channels
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -53,9 +53,12 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return self.out_channels, self.in_channels // self.groups * kh * kw
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.act_quantizer.enabled:
+        aq = self.act_quantizer
+        if not aq.enabled:
             return x
-        return self.act_quantizer(x.movedim(1, -1)).movedim(-1, 1)
+        if aq.spec.dynamic and not aq.bypass and not torch.is_grad_enabled():
+            return fake_quantize_channels(x, aq.spec)  # the same values, without a channels-last copy
+        return aq(x.movedim(1, -1)).movedim(-1, 1)
 
     def deployed_weight_operand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float weight operand [out, in/groups*kh*kw], per-output-channel scale for the output or None)."""

@@ -1,6 +1,6 @@
 """Numerics: formats, granularity, fake quantization and 4-bit packing. Imports nothing else of dq."""
 
-from dq.quant.fake import dequantize, dynamic_codes, fake_quantize, grid_ste, quantize, round_ste, weight_scales
+from dq.quant.fake import dequantize, dynamic_codes, fake_quantize, fake_quantize_channels, grid_ste, quantize, round_ste, weight_scales
 from dq.quant.formats import FORMATS, FloatFormat, IntFormat, NumberFormat, fp4_e2m1_decode, fp4_e2m1_encode, get_format
 from dq.quant.granularity import (
     Granularity,
@@ -29,6 +29,7 @@ __all__ = [
     "dynamic_codes",
     "dynamic_range",
     "fake_quantize",
+    "fake_quantize_channels",
     "fp4_e2m1_decode",
     "fp4_e2m1_encode",
     "get_format",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import DQError
 from dq.quant.spec import QuantSpec, dynamic_range, qrange, scales_from_range
 
 
@@ -35,6 +36,7 @@ def fake_quantize(
         lo, hi = dynamic_range(x.detach().float(), spec)
         scale, zero = scales_from_range(lo, hi, spec)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        zero = None if spec.symmetric else zero  # adding and removing an all-zero point changes no value
         return _fake_quantize_no_grad(g, spec, scale, zero).reshape(shape).to(dtype)
     zero = torch.zeros_like(scale) if zero is None else zero
     q = grid_ste(g / scale + zero, spec)
@@ -60,6 +62,23 @@ def _grid_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: t
         qmin, qmax = qrange(spec)
         return q.round_().clamp_(qmin, qmax)
     return fmt.round(q.clamp_(-fmt.max_value, fmt.max_value))
+
+
+@torch.no_grad()
+def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Dynamic fake quantization of a [N, C, *spatial] tensor whose tokens are its positions (a conv input).
+
+    Equals fake_quantize(x.movedim(1, -1), spec).movedim(-1, 1) exactly, without moving the channels
+    last: scales reduce over (groups of) dim 1 in place of a transposed copy. No gradient.
+    """
+    channels = x.shape[1]
+    group = (spec.granularity.group_size if spec.dynamic else None) or channels
+    if not spec.dynamic or channels % group:
+        raise DQError(f"fake_quantize_channels needs a dynamic per-token spec whose group divides {channels} channels, got {spec}.")
+    v = x.float().unflatten(1, (channels // group, group))
+    scale, zero = scales_from_range(v.amin(2, keepdim=True), v.amax(2, keepdim=True), spec)
+    out = _fake_quantize_no_grad(v, spec, scale, None if spec.symmetric else zero)
+    return out.flatten(1, 2).to(x.dtype)
 
 
 @torch.no_grad()
