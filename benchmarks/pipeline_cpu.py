@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dq.calib import CALIBRATORS
+from dq.kernels.reference import release_scratch, scratch_bytes
 from dq.metrics.perf import denoiser_weight_bytes, peak_memory
 from dq.nn import deploy_all, swap_layers
 from dq.pipelines.walker import select_layers
@@ -97,18 +98,18 @@ def timed_step(model: nn.Module, inputs: dict) -> tuple[float, int]:
 
 
 def interleaved(fp: nn.Module, variant: nn.Module, inputs: dict, rounds: int) -> dict:
-    """Warm both, then time FP and variant alternately `rounds` times; medians and the ratio."""
-    for model in (fp, variant):
-        timed_step(model, inputs)
-    fp_s, var_s, fp_mem, var_mem = [], [], [], []
+    """Time FP and variant alternately `rounds` times after a warm-up; medians, their ratio, and the peak
+    memory of one call of each above the resident set, with dq's reused weight buffers freed first (so
+    the transient FP32 weight buffer of the deployed layers is counted)."""
+    release_scratch()
+    fp_peak, var_peak = timed_step(fp, inputs)[1], timed_step(variant, inputs)[1]
+    fp_s, var_s = [], []
     for _ in range(rounds):
-        for model, times, mem in ((fp, fp_s, fp_mem), (variant, var_s, var_mem)):
-            seconds, extra = timed_step(model, inputs)
-            times.append(seconds)
-            mem.append(extra)
+        fp_s.append(timed_step(fp, inputs)[0])
+        var_s.append(timed_step(variant, inputs)[0])
     fp_med, var_med = statistics.median(fp_s), statistics.median(var_s)
     return {"fp_s": fp_med, "step_s": var_med, "ratio": var_med / fp_med, "fp_times_s": fp_s, "times_s": var_s,
-            "fp_step_peak_bytes": max(fp_mem), "step_peak_bytes": max(var_mem)}
+            "fp_step_peak_bytes": fp_peak, "step_peak_bytes": var_peak, "scratch_bytes": scratch_bytes()}
 
 
 def cpu_name() -> str:
@@ -154,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# dq CPU pipeline benchmark: {args.model} denoiser, {args.resolution}x{args.resolution}, batch {args.batch}, one step",
              "", f"{env['cpu']}, {env['threads']} threads, torch {env['torch']} ({env['cpu_capability']}), {env['date']}; "
              f"FP32 and each variant timed alternately, {args.rounds} pairs after a warm-up; median s/step.", "",
-             "| recipe | layers | s/step | FP32 s/step | latency x FP32 | weights x FP32 | step peak MiB above resident (FP32) |",
-             "|---|---|---|---|---|---|---|"]
+             "| recipe | layers | s/step | FP32 s/step | latency x FP32 | weights x FP32 | step peak MiB above resident (FP32) | of which weight buffer MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| `{r['recipe']}` | {r['layers']} | {r['step_s']:.2f} | {r['fp_s']:.2f} | {r['ratio']:.2f}x | "
-                     f"{r['weight_ratio']:.3f}x | {r['step_peak_bytes'] / 2**20:.0f} ({r['fp_step_peak_bytes'] / 2**20:.0f}) |")
+                     f"{r['weight_ratio']:.3f}x | {r['step_peak_bytes'] / 2**20:.0f} ({r['fp_step_peak_bytes'] / 2**20:.0f}) | "
+                     f"{r['scratch_bytes'] / 2**20:.0f} |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out or Path(__file__).parent / "results" / f"pipeline_cpu_{args.model}")

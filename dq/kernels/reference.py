@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
 from dq.quant import PerToken, QuantSpec, dynamic_codes, dynamic_range, fake_quantize, get_format, scales_from_range
-from dq.quant.packing import new_tensor
+from dq.quant.packing import Allocator, new_tensor
 from dq.quant.storage import decode_codes, dequantize_stored
 
 _scratch = threading.local()
@@ -65,9 +65,10 @@ def _integer_gemm_pays(x: torch.Tensor, int_gemm: bool | None) -> bool:
 def _reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """This thread's buffer `name`, grown to the largest request so far (an Allocator of dq.quant.packing).
 
-    A deployed CPU layer unpacks its weight on every call; a fresh multi-megabyte tensor per call costs
-    more in page faults than the unpacking itself, so the buffers stay (about one FP32 copy of the
-    largest layer's weight in all: the transient memory of the float-GEMM path).
+    A deployed CPU layer unpacks its weight and quantizes its input on every call; a fresh multi-megabyte
+    tensor per call costs more in page faults than that work itself, so the buffers stay: the transient
+    memory of the float-GEMM path, about 6 bytes per weight of the largest layer (its FP32 operand and
+    the unpacking buffers) plus one or two FP32 copies of the largest layer input.
     """
     buffers = _scratch.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
@@ -83,29 +84,46 @@ def scratch_bytes() -> int:
     return sum(t.numel() * t.element_size() for t in _scratch.__dict__.get("buffers", {}).values())
 
 
+def release_scratch() -> None:
+    """Free this thread's reused weight buffers (the next deployed CPU layer allocates them again)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
+def buffer_allocator(device: torch.device) -> Allocator:
+    """Reused buffers on CPU without autograd (a reused tensor kept for backward would be overwritten
+    by the next layer), fresh tensors otherwise (the CUDA caching allocator makes those cheap)."""
+    return _reused_buffer if device.type == "cpu" and not torch.is_grad_enabled() else new_tensor
+
+
 def weight_operand(
-    qweight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None, weight_format: str, in_features: int
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor | None,
+    weight_format: str,
+    in_features: int,
+    alloc: Allocator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(FP32 [out, in] GEMM operand, per-output-channel scale [out] to apply to the GEMM output, or None).
 
     Symmetric per-channel weights give their grid values and the scale apart; others the dequantized weight.
-    On CPU without autograd the operand lives in a reused buffer: use it before the next call.
+    With the default allocator (buffer_allocator) a CPU operand is a reused buffer: use it before the next call.
     """
-    reuse = not qweight.is_cuda and not torch.is_grad_enabled()
-    alloc = _reused_buffer if reuse else new_tensor
+    alloc = alloc or buffer_allocator(qweight.device)
     if weight_zero is None and weight_scale.shape == (qweight.shape[0], 1):
         return decode_codes(qweight, weight_format, alloc)[:, :in_features], weight_scale.float().reshape(-1)
     return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), None
 
 
-def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None)."""
     if act_spec is None:
         return x2, None
+    needs_grad = torch.is_grad_enabled() and x2.requires_grad
+    out = None if needs_grad else alloc("act_operand", tuple(x2.shape), torch.float32, x2.device)
     one_scale_per_row = act_spec.symmetric and act_spec.granularity == PerToken(None) and act_spec.scale_format is None
-    if one_scale_per_row and not (torch.is_grad_enabled() and x2.requires_grad):
-        return dynamic_codes(x2, act_spec)
-    return fake_quantize(x2, act_spec), None
+    if one_scale_per_row and not needs_grad:
+        return dynamic_codes(x2, act_spec, out)
+    return fake_quantize(x2, act_spec, out=out), None
 
 
 def quantized_linear_reference(
@@ -129,9 +147,10 @@ def quantized_linear_reference(
     True / False force the integer / the float GEMM.
     """
     lead = x.shape[:-1]
+    alloc = buffer_allocator(x.device)
     x2 = x.reshape(-1, in_features)
-    if smooth is not None:
-        x2 = x2 / smooth.to(x2.dtype)  # in the activations' dtype, as the kernels smooth
+    if smooth is not None:  # in the activations' dtype, as the kernels smooth
+        x2 = torch.div(x2, smooth.to(x2.dtype), out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
     x2 = x2.float()
     b = None if bias is None else bias.float()
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
@@ -139,8 +158,8 @@ def quantized_linear_reference(
         y = torch._int_mm(xq, qweight.t().contiguous()).float()
         col_scale = weight_scale.float().reshape(-1)
     else:
-        xa, row_scale = act_operand(x2, act_spec)
-        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features)
+        xa, row_scale = act_operand(x2, act_spec, alloc)
+        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features, alloc)
         y = F.linear(xa, w, b if row_scale is None and col_scale is None else None)
     if row_scale is not None or col_scale is not None:
         y = _scale_output(y, row_scale, col_scale, b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dq.kernels.reference import weight_operand
+from dq.kernels.reference import buffer_allocator, weight_operand
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec, fake_quantize_channels
 
@@ -57,7 +57,9 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         if not aq.enabled:
             return x
         if aq.spec.dynamic and not aq.bypass and not torch.is_grad_enabled():
-            return fake_quantize_channels(x, aq.spec)  # the same values, without a channels-last copy
+            # The same values as the quantizer gives, without a channels-last copy, into a reused buffer.
+            out = buffer_allocator(x.device)("conv_input", tuple(x.shape), torch.float32, x.device)
+            return fake_quantize_channels(x, aq.spec, out)
         return aq(x.movedim(1, -1)).movedim(-1, 1)
 
     def deployed_weight_operand(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,52 +24,83 @@ def grid_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def fake_quantize(
-    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize `x` in its own dtype, differentiable (STE) in x and scale.
 
     Static specs pass scale (and zero) in the grouped shape; dynamic specs compute them from x.
+    `out`, a float32 tensor of x's shape, receives the values when no gradient is needed.
     """
     shape, dtype = x.shape, x.dtype
     g = spec.granularity.grouped(x.float())
-    if scale is None:
+    dynamic = scale is None
+    if dynamic:
         lo, hi = dynamic_range(x.detach().float(), spec)
         scale, zero = scales_from_range(lo, hi, spec)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         zero = None if spec.symmetric else zero  # adding and removing an all-zero point changes no value
-        return _fake_quantize_no_grad(g, spec, scale, zero).reshape(shape).to(dtype)
+        q_out = None if out is None else out.view(g.shape)
+        return _fake_quantize_no_grad(g, spec, scale, zero, q_out, dynamic).reshape(shape).to(dtype)
     zero = torch.zeros_like(scale) if zero is None else zero
     q = grid_ste(g / scale + zero, spec)
     return ((q - zero) * scale).reshape(shape).to(dtype)
 
 
-def _fake_quantize_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+def _fake_quantize_no_grad(
+    g: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    scale_from_g: bool = False,
+) -> torch.Tensor:
     """fake_quantize's values without autograd bookkeeping, in place: calibration searches call it on
     whole weights many times. Bit-identical to the STE path (x + (round(x) - x) == round(x) exactly)."""
-    q = _grid_no_grad(g, spec, scale, zero)
+    q = _grid_no_grad(g, spec, scale, zero, out, scale_from_g)
     if zero is not None:
         q.sub_(zero)
     return q.mul_(scale)
 
 
-def _grid_no_grad(g: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """Grid values of g / scale + zero in a new tensor (rounded and clamped in place)."""
-    q = g / scale
+def _grid_no_grad(
+    g: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    scale_from_g: bool = False,
+) -> torch.Tensor:
+    """Grid values of g / scale + zero in `out` or a new tensor (rounded and clamped in place).
+
+    scale_from_g: the scales are g's own absmax / qmax (dynamic, symmetric, unquantized scales). For a
+    signed integer format the clamp is then a no-op and is skipped: fl(m / qmax) >= (m / qmax)(1 - u),
+    so |fl(x / s)| <= qmax (1 + u) / (1 - u) < qmax + 1/2 rounds to at most qmax (>= -qmax > qmin), and a
+    scale raised to the smallest normal only shrinks the quotient.
+    """
+    q = torch.div(g, scale, out=out)
     if zero is not None:
         q.add_(zero)
     fmt = spec.fmt
     if fmt.is_integer:
+        q = q.round_()
+        if scale_from_g and fmt.signed and spec.symmetric and spec.scale_format is None:
+            return q
         qmin, qmax = qrange(spec)
-        return q.round_().clamp_(qmin, qmax)
+        return q.clamp_(qmin, qmax)
     return fmt.round(q.clamp_(-fmt.max_value, fmt.max_value))
 
 
 @torch.no_grad()
-def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic fake quantization of a [N, C, *spatial] tensor whose tokens are its positions (a conv input).
 
     Equals fake_quantize(x.movedim(1, -1), spec).movedim(-1, 1) exactly, without moving the channels
-    last: scales reduce over (groups of) dim 1 in place of a transposed copy. No gradient.
+    last: scales reduce over (groups of) dim 1 in place of a transposed copy. No gradient; `out`, a
+    float32 tensor of x's shape, receives the values when given.
     """
     channels = x.shape[1]
     group = (spec.granularity.group_size if spec.dynamic else None) or channels
@@ -77,21 +108,21 @@ def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         raise DQError(f"fake_quantize_channels needs a dynamic per-token spec whose group divides {channels} channels, got {spec}.")
     v = x.float().unflatten(1, (channels // group, group))
     scale, zero = scales_from_range(v.amin(2, keepdim=True), v.amax(2, keepdim=True), spec)
-    out = _fake_quantize_no_grad(v, spec, scale, None if spec.symmetric else zero)
-    return out.flatten(1, 2).to(x.dtype)
+    q = _fake_quantize_no_grad(v, spec, scale, None if spec.symmetric else zero, None if out is None else out.view(v.shape), True)
+    return q.flatten(1, 2).to(x.dtype)
 
 
 @torch.no_grad()
-def dynamic_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_codes(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid values [rows, k] of a 2-D x under a symmetric one-scale-per-row spec, and the [rows, 1] scales.
 
     fake_quantize(x, spec) == codes * scale exactly; keeping the two apart lets a GEMM apply the scale
-    to its output (rows x N values) instead of to x.
+    to its output (rows x N values) instead of to x. `out` (float32, x's shape) receives the codes when given.
     """
     lo, hi = dynamic_range(x.float(), spec)
     scale, _ = scales_from_range(lo, hi, spec)
     scale = scale.reshape(x.shape[0], 1)
-    return _grid_no_grad(x.float(), spec, scale, None), scale
+    return _grid_no_grad(x.float(), spec, scale, None, out, scale_from_g=True), scale
 
 
 def quantize(

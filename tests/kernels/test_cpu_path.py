@@ -1,0 +1,166 @@
+"""The CPU execution path (dq.kernels.reference, dq.kernels.cpu_gemm): FP32 GEMMs instead of float64 or
+integer kernels, with the accumulation error bounded against exact arithmetic, and weights kept packed."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from dq.kernels import cpu_gemm
+from dq.kernels.reference import quantized_linear_reference, release_scratch, scratch_bytes, weight_operand
+from dq.nn import LayerPlan, deploy_all, swap_layers
+from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, dynamic_codes, fake_quantize, pack_4bit, quantize, unpack_4bit, weight_scales
+from dq.quant.storage import dequantize_stored, encode_codes
+
+U = 2.0**-24
+
+
+def gamma(n: int) -> float:
+    return n * U / (1 - n * U)
+
+
+def int8_layer(N, K, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(N, K)
+    spec = QuantSpec("int8", PerChannel())
+    s, _ = weight_scales(w, spec)
+    return encode_codes(quantize(w, spec, s).reshape(N, K), "int8"), s.reshape(N, 1).half()
+
+
+@pytest.mark.parametrize("K", [256, 1024])
+def test_int8_codes_accumulate_exactly_up_to_2_pow_24(K):
+    """|partial sums| <= K * 127 * 128 < 2^24 for K <= 1032: the FP32 GEMM of integer codes is exact."""
+    qw, sw = int8_layer(64, K)
+    x = torch.randn(32, K) * 3
+    spec = QuantSpec("int8", PerToken())
+    codes, _ = dynamic_codes(x, spec)
+    with torch.no_grad():
+        w, out_scale = weight_operand(qw, sw, None, "int8", K)
+        acc = codes @ w.t()
+    exact = (codes.long() @ qw.long().t()).float()
+    assert torch.equal(acc, exact)
+    assert torch.equal(out_scale, sw.float().reshape(-1))
+
+
+@pytest.mark.parametrize("weight,act", [
+    (QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
+    (QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64))),
+    (QuantSpec("int4", PerGroup(64)), QuantSpec("int8", PerToken())),
+    (QuantSpec("int4", PerGroup(64)), None),
+])
+def test_fp32_accumulation_within_gamma_bound(weight, act):
+    """Against exact (float64) arithmetic on the same codes, the error is at most gamma_(K+2) sum |a_k b_k|."""
+    torch.manual_seed(1)
+    N, K = 48, 4096
+    w = torch.randn(N, K)
+    s, _ = weight_scales(w, weight)
+    qw, sw = encode_codes(quantize(w, weight, s).reshape(N, K), weight.format), s.reshape(N, -1).half()
+    x, bias = torch.randn(16, K) * 2, torch.randn(N)
+    y = quantized_linear_reference(x, qw, sw, None, bias, weight_format=weight.format, in_features=K, act_spec=act, int_gemm=False)
+    wd = dequantize_stored(qw, sw, None, weight.format, K).double()
+    xd = (x if act is None else fake_quantize(x, act)).double()
+    exact = xd @ wd.t() + bias.double()
+    bound = gamma(K + 2) * (xd.abs() @ wd.abs().t() + bias.double().abs()) + exact.abs() * U  # + output rounding
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_integer_and_float_gemm_agree():
+    """int_gemm=True (torch._int_mm, exact INT32 sums) and the float path agree within the float path's bound."""
+    qw, sw = int8_layer(40, 2048, seed=3)
+    x = torch.randn(24, 2048)
+    kw = dict(weight_format="int8", in_features=2048, act_spec=QuantSpec("int8", PerToken()))
+    y_int = quantized_linear_reference(x, qw, sw, None, None, int_gemm=True, **kw)
+    y_float = quantized_linear_reference(x, qw, sw, None, None, int_gemm=False, **kw)
+    codes, xs = dynamic_codes(x, kw["act_spec"])
+    mag = (codes.abs() @ qw.float().abs().t()) * xs * sw.float().reshape(1, -1)
+    assert ((y_int - y_float).abs() <= gamma(2048 + 3) * mag + 1e-30).all()
+
+
+def test_unpack_4bit_matches_the_nibble_definition():
+    codes = torch.arange(-8, 8).repeat(24).reshape(6, 64)[:, torch.randperm(64)]
+    packed = pack_4bit(codes)
+    assert torch.equal(unpack_4bit(packed, signed=True), codes.to(torch.int8))
+    raw = codes & 0xF
+    assert torch.equal(unpack_4bit(pack_4bit(raw), signed=False), raw.to(torch.int8))
+    low, high = packed.to(torch.int16) & 0xF, packed.to(torch.int16) >> 4
+    assert torch.equal(unpack_4bit(packed, signed=False), torch.stack((low, high), -1).reshape(6, 64).to(torch.int8))
+
+
+def test_reused_buffers_give_the_fresh_result_and_stay_bounded():
+    """Under no_grad the operand lives in reused buffers: same values as a fresh dequantization, packed
+    weights untouched, and the buffers hold about one layer's worth (the largest), not one per layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 384), nn.Linear(384, 128))
+    plans = {str(i): LayerPlan("linear", QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64))) for i in range(3)}
+    swap_layers(model, plans)
+    deploy_all(model)
+    packed_before = [layer.qweight.clone() for layer in model]
+    release_scratch()
+    x = torch.randn(8, 512)
+    y_grad = model(x)  # grad enabled: fresh tensors
+    with torch.no_grad():
+        y = model(x)
+        for layer in model:
+            w, _ = weight_operand(layer.qweight, layer.weight_scale, None, "int4", layer.in_features)
+            fresh = dequantize_stored(layer.qweight, layer.weight_scale, None, "int4", layer.in_features)
+            assert torch.equal(w, fresh)
+    assert torch.equal(y, y_grad.detach())
+    assert all(torch.equal(layer.qweight, p) for layer, p in zip(model, packed_before))
+    # The largest weight's FP32 operand, INT8 codes and 16-bit unpacking lanes, and the largest FP32 input.
+    assert scratch_bytes() == 512 * 256 * (4 + 1 + 1) + 8 * 512 * 4
+
+
+def test_gradients_flow_through_a_deployed_layer():
+    """With autograd on, the operands are fresh tensors (a reused one would be overwritten before backward):
+    the input gradient equals autograd's through fake_quantize and the dequantized weights."""
+    torch.manual_seed(0)
+    spec = QuantSpec("int8", PerToken())
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32))
+    swap_layers(model, {str(i): LayerPlan("linear", QuantSpec("int8", PerChannel()), spec) for i in range(2)})
+    deploy_all(model)
+    x = torch.randn(4, 128, requires_grad=True)
+    model(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    h = nn.functional.linear(fake_quantize(x_ref, spec), model[0].dequantized_weight(), model[0].bias)
+    nn.functional.linear(fake_quantize(h, spec), model[1].dequantized_weight(), model[1].bias).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_int8_gemm_choice_is_forced_by_env_and_logged(monkeypatch, caplog):
+    for value, fast in (("0", False), ("1", True)):
+        cpu_gemm.int8_gemm_is_fast.cache_clear()
+        monkeypatch.setenv(cpu_gemm.ENV_VAR, value)
+        with caplog.at_level(logging.INFO, logger="dq.kernels.cpu_gemm"):
+            assert cpu_gemm.int8_gemm_is_fast() is fast
+        assert f"{cpu_gemm.ENV_VAR}={value}" in caplog.text
+    cpu_gemm.int8_gemm_is_fast.cache_clear()
+    monkeypatch.delenv(cpu_gemm.ENV_VAR)
+    with caplog.at_level(logging.INFO, logger="dq.kernels.cpu_gemm"):
+        cpu_gemm.int8_gemm_is_fast()
+        cpu_gemm.int8_gemm_is_fast()
+    assert caplog.text.count("dq CPU path") == 3  # once per decision: the second call is cached
+    cpu_gemm.int8_gemm_is_fast.cache_clear()
+
+
+def test_probe_measures_both_gemms():
+    t_int, t_float = cpu_gemm.probe_int8_gemm(m=32, k=64, n=32)
+    assert t_int > 0 and t_float > 0
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8", PerToken()), QuantSpec("int4", PerToken(64)), QuantSpec("int4", PerToken())])
+def test_dynamic_symmetric_codes_need_no_clamp(spec):
+    """The dynamic path skips the clamp for signed symmetric formats: every code already lies in range, also
+    for rows of zeros, subnormals, exact maxima, huge values and values a hair below a rounding tie."""
+    qmax = spec.fmt.qmax
+    tie = torch.full((1, 128), (qmax - 0.5) * (1 - 2**-23))
+    rows = [torch.randn(4, 128), torch.zeros(1, 128), torch.full((1, 128), 1e-40), torch.randn(1, 128) * 1e30,
+            -torch.rand(1, 128), tie, torch.cat([tie[:, :127], torch.full((1, 1), float(qmax))], 1)]
+    x = torch.cat(rows)
+    q = fake_quantize(x, spec)
+    g = spec.granularity.grouped(x)
+    s = torch.maximum(-g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)).div(qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    assert torch.equal(q, (torch.clamp(torch.round(g / s), -qmax - 1, qmax) * s).reshape(x.shape))
+    if spec.granularity == PerToken():
+        codes, _ = dynamic_codes(x, spec)
+        assert torch.equal(codes, torch.clamp(torch.round(g / s), -qmax - 1, qmax).reshape(x.shape))
