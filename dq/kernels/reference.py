@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,42 @@ def weight_operand(
     return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), None
 
 
+# Weight tiles on CPU. A layer with a small input (a deep UNet level, a DiT at a small resolution) is bound
+# by streaming its weight: dequantizing the whole FP32 weight and multiplying it costs more than the FP layer.
+# Dequantized about 2 MiB at a time, each tile is multiplied while it is still in the cache, so the layer
+# streams only its packed codes (on this project's 2-core EPYC: M = 32, 1280 x 10240 INT4 in 12 ms against
+# 23 ms FP32 and 36 ms untiled; benchmarks/pipeline_cpu.py). With a large input the input is re-read per
+# tile instead, and one untiled GEMM is faster.
+TILE_BYTES = 2 << 20
+SMALL_INPUT_BYTES = 1 << 20
+
+
+def weight_tile_rows(input_bytes: int, out_features: int, k: int) -> int:
+    """Output channels per weight tile on CPU, or 0 for the whole weight at once (see TILE_BYTES)."""
+    rows = max(16, TILE_BYTES // (4 * k) // 16 * 16)
+    return rows if input_bytes <= SMALL_INPUT_BYTES and out_features >= 4 * rows else 0
+
+
+def weight_tiles(
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor | None,
+    weight_format: str,
+    in_features: int,
+    rows: int,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+    """(output-channel slice, its weight_operand) for `rows` output channels at a time (0: all at once).
+
+    The operands share reused buffers on CPU: use each tile before asking for the next.
+    """
+    n = qweight.shape[0]
+    alloc = buffer_allocator(qweight.device)
+    for start in range(0, n, rows or n):
+        sl = slice(start, min(n, start + (rows or n)))
+        scale, zero = (t if t is None or t.shape[0] == 1 else t[sl] for t in (weight_scale, weight_zero))
+        yield (sl, *weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc))
+
+
 def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None)."""
     if act_spec is None:
@@ -140,11 +177,13 @@ def quantized_linear_reference(
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
     int_gemm: bool | None = None,
+    tile_rows: int | None = None,
 ) -> torch.Tensor:
     """Reference quantized linear; x is [..., in_features], returns [..., out_features] in x.dtype.
 
     int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
-    True / False force the integer / the float GEMM.
+    True / False force the integer / the float GEMM. tile_rows sets the weight tile (output channels;
+    0: whole weight); None lets weight_tile_rows decide (CPU without autograd only).
     """
     lead = x.shape[:-1]
     alloc = buffer_allocator(x.device)
@@ -155,17 +194,41 @@ def quantized_linear_reference(
     b = None if bias is None else bias.float()
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
         xq, row_scale = int8_rowwise(x2, act_spec)
-        y = torch._int_mm(xq, qweight.t().contiguous()).float()
-        col_scale = weight_scale.float().reshape(-1)
+        y = _scale_output(torch._int_mm(xq, qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
     else:
         xa, row_scale = act_operand(x2, act_spec, alloc)
-        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features, alloc)
-        y = F.linear(xa, w, b if row_scale is None and col_scale is None else None)
-    if row_scale is not None or col_scale is not None:
-        y = _scale_output(y, row_scale, col_scale, b)
+        y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows)
     if lora_down is not None and lora_down.shape[0] > 0:
         y = y.addmm_(x2 @ lora_down.float().t(), lora_up.float().t())
     return y.to(x.dtype).reshape(*lead, -1)
+
+
+def _float_gemm(
+    xa: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor | None,
+    weight_format: str,
+    in_features: int,
+    tile_rows: int | None,
+) -> torch.Tensor:
+    """(xa @ operand^T) * row_scale * per-channel scale + bias, with the whole weight or in weight tiles."""
+    n = qweight.shape[0]
+    tiled = xa.device.type == "cpu" and not torch.is_grad_enabled()
+    rows = tile_rows if tile_rows is not None else weight_tile_rows(xa.numel() * 4, n, in_features) if tiled else 0
+    if not rows:
+        (_, w, col_scale), = weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, 0)
+        if row_scale is None and col_scale is None:
+            return F.linear(xa, w, bias)
+        return _scale_output(F.linear(xa, w), row_scale, col_scale, bias)
+    y_t = xa.new_empty(n, xa.shape[0])  # rows of y^T are the tiles' outputs: contiguous writes
+    for sl, w, col_scale in weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, rows):
+        torch.mm(w, xa.t(), out=y_t[sl])
+        if col_scale is not None:
+            y_t[sl].mul_(col_scale.unsqueeze(1))
+    return _scale_output(y_t.t(), row_scale, None, bias)
 
 
 def _scale_output(y: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:

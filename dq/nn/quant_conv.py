@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
-from dq.kernels.reference import buffer_allocator, weight_operand
+from dq.kernels.reference import buffer_allocator, weight_tile_rows, weight_tiles
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec, fake_quantize_channels
 
@@ -14,8 +16,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """nn.Conv2d with quantized weight (flattened to [out, in/groups*kh*kw]) and quantized input.
 
     Activation granularity is over channels: a "token" is one pixel of one image. The deployed
-    forward unpacks the weight into a reused float buffer (dq.kernels.reference.weight_operand) and runs
-    the float convolution (no low-bit conv kernel yet).
+    forward unpacks the weight into reused float buffers, whole or a tile of output channels at a time
+    (dq.kernels.reference.weight_tiles), and runs the float convolution (no low-bit conv kernel yet).
     """
 
     kind = "conv2d"
@@ -62,21 +64,29 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             return fake_quantize_channels(x, aq.spec, out)
         return aq(x.movedim(1, -1)).movedim(-1, 1)
 
-    def deployed_weight_operand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(float weight operand [out, in/groups*kh*kw], per-output-channel scale for the output or None)."""
-        return weight_operand(self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format,
-                              self.weight_2d_shape[1])
+    def deployed_weight_tiles(self, rows: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+        """(output-channel slice, float weight operand [channels, in/groups*kh*kw], per-channel scale for the
+        output or None), `rows` output channels at a time (0: all at once; dq.kernels.reference.weight_tiles)."""
+        return weight_tiles(self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format,
+                            self.weight_2d_shape[1], rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.deployed:
             return self._conv_forward(self._quantize_input(x), self.fake_quantized_weight(), self.bias)
-        w, out_scale = self.deployed_weight_operand()
-        w = w.reshape(self.weight_shape).to(x.dtype)
+        xq = self._quantize_input(x)
+        cpu_tiles = x.device.type == "cpu" and not torch.is_grad_enabled() and self.groups == 1
+        rows = weight_tile_rows(xq.numel() * 4, self.out_channels, self.weight_2d_shape[1]) if cpu_tiles else 0
+        parts = [self._conv_rows(xq, sl, w, scale) for sl, w, scale in self.deployed_weight_tiles(rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _conv_rows(self, xq: torch.Tensor, rows: slice, w2d: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
+        """The output channels `rows`; a per-channel weight scale multiplies the (smaller) output, not the weight."""
+        w = w2d.reshape(-1, *self.weight_shape[1:]).to(xq.dtype)
+        bias = None if self.bias is None else self.bias[rows]
         if out_scale is None:
-            return self._conv_forward(self._quantize_input(x), w, self.bias)
-        # Per-channel weight scales multiply the (smaller) output instead of the weight.
-        y = self._conv_forward(self._quantize_input(x), w, None).mul_(out_scale.to(x.dtype).view(1, -1, 1, 1))
-        return y if self.bias is None else y.add_(self.bias.view(1, -1, 1, 1))
+            return self._conv_forward(xq, w, bias)
+        y = self._conv_forward(xq, w, None).mul_(out_scale.to(xq.dtype).view(1, -1, 1, 1))
+        return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"

@@ -9,6 +9,8 @@ option, so a saved checkpoint rebuilds it.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -134,8 +136,9 @@ class QuantSplitConv2d(QuantConv2d):
             halves.append(w2d.reshape(self.out_channels, -1, kh, kw))
         return torch.cat(halves, dim=1).to(self.weight_dtype)
 
-    def deployed_weight_operand(self) -> tuple[torch.Tensor, None]:
-        return self.dequantized_weight().reshape(self.weight_2d_shape), None
+    def deployed_weight_tiles(self, rows: int) -> Iterator[tuple[slice, torch.Tensor, None]]:
+        """One tile: the two halves' weights dequantized and joined along the input channels."""
+        yield slice(None), self.dequantized_weight().reshape(self.weight_2d_shape), None
 
     def weight_nbytes(self) -> int:
         if not self.deployed:

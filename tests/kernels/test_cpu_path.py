@@ -164,3 +164,40 @@ def test_dynamic_symmetric_codes_need_no_clamp(spec):
     if spec.granularity == PerToken():
         codes, _ = dynamic_codes(x, spec)
         assert torch.equal(codes, torch.clamp(torch.round(g / s), -qmax - 1, qmax).reshape(x.shape))
+
+
+@pytest.mark.parametrize("weight,act", [
+    (QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
+    (QuantSpec("int4", PerGroup(64)), None),
+])
+def test_weight_tiles_match_the_whole_weight(weight, act):
+    """Tiles of output channels (the CPU path for small inputs) give the untiled product within the FP32 bound."""
+    torch.manual_seed(2)
+    N, K = 200, 256
+    w = torch.randn(N, K)
+    s, _ = weight_scales(w, weight)
+    qw, sw = encode_codes(quantize(w, weight, s).reshape(N, K), weight.format), s.reshape(N, -1).half()
+    x, b = torch.randn(6, K), torch.randn(N)
+    kw = dict(weight_format=weight.format, in_features=K, act_spec=act, int_gemm=False)
+    with torch.no_grad():
+        whole = quantized_linear_reference(x, qw, sw, None, b, tile_rows=0, **kw)
+        tiled = quantized_linear_reference(x, qw, sw, None, b, tile_rows=48, **kw)  # 48 does not divide 200
+    wd = dequantize_stored(qw, sw, None, weight.format, K)
+    xd = x if act is None else fake_quantize(x, act)
+    assert ((tiled - whole).abs() <= 2 * gamma(K + 3) * (xd.abs() @ wd.abs().t() + b.abs())).all()
+
+
+def test_conv_weight_tiles_match_the_whole_weight():
+    """A conv with a small input runs in output-channel tiles (weight_tile_rows decides), the same conv."""
+    from dq.kernels.reference import weight_tile_rows
+
+    torch.manual_seed(3)
+    conv = nn.Sequential(nn.Conv2d(128, 1920, 3, padding=1))
+    swap_layers(conv, {"0": LayerPlan("conv2d", QuantSpec("int4", PerGroup(64)), QuantSpec("int8", PerToken()))})
+    deploy_all(conv)
+    x = torch.randn(2, 128, 4, 4)
+    assert 0 < weight_tile_rows(x.numel() * 4, 1920, 128 * 9) < 1920
+    with torch.no_grad():
+        tiled = conv(x)
+    whole = conv(x).detach()  # autograd on: one untiled weight
+    assert torch.allclose(tiled, whole, rtol=1e-5, atol=1e-4)
