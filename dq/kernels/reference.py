@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
-from dq.quant import PerToken, QuantSpec, dynamic_codes, dynamic_range, fake_quantize, get_format, scales_from_range
+from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, dynamic_range, fake_quantize, get_format, scales_from_range
 from dq.quant.packing import Allocator, new_tensor
 from dq.quant.storage import decode_codes, dequantize_stored
 
@@ -71,13 +71,22 @@ def _reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device
     memory of the float-GEMM path, about 6 bytes per weight of the largest layer (its FP32 operand and
     the unpacking buffers) plus one or two FP32 copies of the largest layer input.
     """
+    views = _scratch.__dict__.setdefault("views", {})
+    view = views.get((name, dtype, shape))  # a layer asks for the same shapes on every call
+    if view is not None:
+        return view
     buffers = _scratch.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
     flat = buffers.get((name, dtype))
     if flat is None or flat.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             flat = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return flat[:numel].view(shape)
+        for key in [key for key in views if key[:2] == (name, dtype)]:
+            del views[key]  # views of the old, smaller buffer
+    if len(views) > 4096:  # inputs of ever new shapes: keep the cache bounded
+        views.clear()
+    view = views[(name, dtype, shape)] = flat[:numel].view(shape)
+    return view
 
 
 def scratch_bytes() -> int:
@@ -88,6 +97,7 @@ def scratch_bytes() -> int:
 def release_scratch() -> None:
     """Free this thread's reused weight buffers (the next deployed CPU layer allocates them again)."""
     _scratch.__dict__.pop("buffers", None)
+    _scratch.__dict__.pop("views", None)
 
 
 def buffer_allocator(device: torch.device) -> Allocator:
@@ -111,7 +121,8 @@ def weight_operand(
     """
     alloc = alloc or buffer_allocator(qweight.device)
     if weight_zero is None and weight_scale.shape == (qweight.shape[0], 1):
-        return decode_codes(qweight, weight_format, alloc)[:, :in_features], weight_scale.float().reshape(-1)
+        codes = decode_codes(qweight, weight_format, alloc)
+        return codes if codes.shape[1] == in_features else codes[:, :in_features], cast(weight_scale).view(-1)
     return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), None
 
 
@@ -189,9 +200,9 @@ def quantized_linear_reference(
     alloc = buffer_allocator(x.device)
     x2 = x.reshape(-1, in_features)
     if smooth is not None:  # in the activations' dtype, as the kernels smooth
-        x2 = torch.div(x2, smooth.to(x2.dtype), out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
-    x2 = x2.float()
-    b = None if bias is None else bias.float()
+        x2 = torch.div(x2, cast(smooth, x2.dtype), out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
+    x2 = cast(x2)
+    b = None if bias is None else cast(bias)
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
         xq, row_scale = int8_rowwise(x2, act_spec)
         y = _scale_output(torch._int_mm(xq, qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
@@ -199,8 +210,8 @@ def quantized_linear_reference(
         xa, row_scale = act_operand(x2, act_spec, alloc)
         y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows)
     if lora_down is not None and lora_down.shape[0] > 0:
-        y = y.addmm_(x2 @ lora_down.float().t(), lora_up.float().t())
-    return y.to(x.dtype).reshape(*lead, -1)
+        y = y.addmm_(x2 @ cast(lora_down).t(), cast(lora_up).t())
+    return cast(y, x.dtype).reshape(*lead, -1)
 
 
 def _float_gemm(
@@ -219,7 +230,7 @@ def _float_gemm(
     tiled = xa.device.type == "cpu" and not torch.is_grad_enabled()
     rows = tile_rows if tile_rows is not None else weight_tile_rows(xa.numel() * 4, n, in_features) if tiled else 0
     if not rows:
-        (_, w, col_scale), = weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, 0)
+        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features)
         if row_scale is None and col_scale is None:
             return F.linear(xa, w, bias)
         return _scale_output(F.linear(xa, w), row_scale, col_scale, bias)

@@ -9,7 +9,7 @@ from torch import nn
 
 from dq.kernels.reference import buffer_allocator, weight_tile_rows, weight_tiles
 from dq.nn.base import QuantLayerMixin
-from dq.quant import QuantSpec, fake_quantize_channels
+from dq.quant import QuantSpec, cast, fake_quantize_channels
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -81,11 +81,11 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def _conv_rows(self, xq: torch.Tensor, rows: slice, w2d: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
         """The output channels `rows`; a per-channel weight scale multiplies the (smaller) output, not the weight."""
-        w = w2d.reshape(-1, *self.weight_shape[1:]).to(xq.dtype)
+        w = cast(w2d.reshape(-1, *self.weight_shape[1:]), xq.dtype)
         bias = None if self.bias is None else self.bias[rows]
         if out_scale is None:
             return self._conv_forward(xq, w, bias)
-        y = self._conv_forward(xq, w, None).mul_(out_scale.to(xq.dtype).view(1, -1, 1, 1))
+        y = self._conv_forward(xq, w, None).mul_(cast(out_scale, xq.dtype).view(1, -1, 1, 1))
         return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:

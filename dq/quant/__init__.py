@@ -12,7 +12,7 @@ from dq.quant.granularity import (
     granularity_name,
 )
 from dq.quant.packing import pack_4bit, unpack_4bit
-from dq.quant.spec import QuantSpec, dynamic_range, scales_from_range, spec_from_dict, spec_to_dict
+from dq.quant.spec import QuantSpec, cast, dynamic_range, scales_from_range, spec_from_dict, spec_to_dict
 
 __all__ = [
     "FORMATS",
@@ -25,6 +25,7 @@ __all__ = [
     "PerTensor",
     "PerToken",
     "QuantSpec",
+    "cast",
     "dequantize",
     "dynamic_codes",
     "dynamic_range",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dq.errors import DQError
-from dq.quant.spec import QuantSpec, dynamic_range, qrange, scales_from_range
+from dq.quant.spec import QuantSpec, cast, dynamic_range, dynamic_scales, qrange, scales_from_range
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -36,15 +36,14 @@ def fake_quantize(
     `out`, a float32 tensor of x's shape, receives the values when no gradient is needed.
     """
     shape, dtype = x.shape, x.dtype
-    g = spec.granularity.grouped(x.float())
+    g = spec.granularity.grouped(cast(x))
     dynamic = scale is None
     if dynamic:
-        lo, hi = dynamic_range(x.detach().float(), spec)
-        scale, zero = scales_from_range(lo, hi, spec)
+        scale, zero = dynamic_scales(g.detach(), spec)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         zero = None if spec.symmetric else zero  # adding and removing an all-zero point changes no value
         q_out = None if out is None else out.view(g.shape)
-        return _fake_quantize_no_grad(g, spec, scale, zero, q_out, dynamic).reshape(shape).to(dtype)
+        return cast(_fake_quantize_no_grad(g, spec, scale, zero, q_out, dynamic).reshape(shape), dtype)
     zero = torch.zeros_like(scale) if zero is None else zero
     q = grid_ste(g / scale + zero, spec)
     return ((q - zero) * scale).reshape(shape).to(dtype)
@@ -106,10 +105,10 @@ def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor |
     group = (spec.granularity.group_size if spec.dynamic else None) or channels
     if not spec.dynamic or channels % group:
         raise DQError(f"fake_quantize_channels needs a dynamic per-token spec whose group divides {channels} channels, got {spec}.")
-    v = x.float().unflatten(1, (channels // group, group))
-    scale, zero = scales_from_range(v.amin(2, keepdim=True), v.amax(2, keepdim=True), spec)
+    v = cast(x).unflatten(1, (channels // group, group))
+    scale, zero = dynamic_scales(v, spec, dim=2)
     q = _fake_quantize_no_grad(v, spec, scale, None if spec.symmetric else zero, None if out is None else out.view(v.shape), True)
-    return q.flatten(1, 2).to(x.dtype)
+    return cast(q.flatten(1, 2), x.dtype)
 
 
 @torch.no_grad()
@@ -119,10 +118,9 @@ def dynamic_codes(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = N
     fake_quantize(x, spec) == codes * scale exactly; keeping the two apart lets a GEMM apply the scale
     to its output (rows x N values) instead of to x. `out` (float32, x's shape) receives the codes when given.
     """
-    lo, hi = dynamic_range(x.float(), spec)
-    scale, _ = scales_from_range(lo, hi, spec)
-    scale = scale.reshape(x.shape[0], 1)
-    return _grid_no_grad(x.float(), spec, scale, None, out, scale_from_g=True), scale
+    x = cast(x)
+    scale, _ = dynamic_scales(x, spec)  # one scale per row: the grouped view is x itself
+    return _grid_no_grad(x, spec, scale, None, out, scale_from_g=True), scale
 
 
 def quantize(

@@ -13,6 +13,7 @@ import torch
 
 from dq.quant.formats import FloatFormat, IntFormat, fp4_e2m1_decode, fp4_e2m1_encode, get_format
 from dq.quant.packing import Allocator, new_tensor, pack_4bit, unpack_4bit
+from dq.quant.spec import cast
 
 
 def storage_shape_dtype(format_name: str, out_features: int, in_features: int) -> tuple[tuple[int, int], torch.dtype]:
@@ -78,5 +79,5 @@ def dequantize_stored(
     rows, groups = scale.shape
     view = grid.view(grid.shape[0], groups, in_features // groups)
     if zero is not None:
-        view.sub_(zero.float().unsqueeze(-1))
-    return view.mul_(scale.float().unsqueeze(-1)).view(grid.shape)
+        view.sub_(cast(zero).unsqueeze(-1))
+    return view.mul_(cast(scale).unsqueeze(-1)).view(grid.shape)
