@@ -200,7 +200,8 @@ def quantized_linear_reference(
     alloc = buffer_allocator(x.device)
     x2 = x.reshape(-1, in_features)
     if smooth is not None:  # in the activations' dtype, as the kernels smooth
-        x2 = torch.div(x2, cast(smooth, x2.dtype), out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
+        s = cast(smooth, x2.dtype)
+        x2 = x2 / s if torch.is_grad_enabled() else torch.div(x2, s, out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
     x2 = cast(x2)
     b = None if bias is None else cast(bias)
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
