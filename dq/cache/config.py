@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NamedTuple
 
@@ -66,9 +65,6 @@ class CacheConfig:
     @property
     def needs_num_steps(self) -> bool:
         return self.schedule != "uniform"
-
-    def expected_refreshes(self, num_steps: int) -> int:
-        return len(self.steps_for(num_steps)) if self.schedule != "uniform" else math.ceil(num_steps / self.interval)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict with the method name and a version, for save/reload and the eval report."""

@@ -96,10 +96,6 @@ class CacheStats:
         self.skipped.clear()
         self.refresh_steps = self.cached_steps = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"evaluated": dict(self.evaluated), "skipped": dict(self.skipped),
-                "refresh_steps": self.refresh_steps, "cached_steps": self.cached_steps}
-
 
 def _argument_getter(module: nn.Module) -> Callable[[tuple, dict, str], Any]:
     names = list(inspect.signature(type(module).forward).parameters)[1:]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
-from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, dynamic_range, fake_quantize, get_format, scales_from_range
+from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, dynamic_range, fake_quantize, scales_from_range
 from dq.quant.packing import Allocator, new_tensor
 from dq.quant.storage import decode_codes, dequantize_stored
 

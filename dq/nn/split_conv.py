@@ -75,9 +75,6 @@ class QuantSplitConv2d(QuantConv2d):
     def weight_quantizers(self) -> tuple[WeightQuantizer, WeightQuantizer]:
         return self.weight_quantizer, self.weight_quantizer_skip
 
-    def act_quantizers(self) -> tuple[ActQuantizer, ActQuantizer]:
-        return self.act_quantizer, self.act_quantizer_skip
-
     def weight_halves_2d(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float weight's two input-channel halves, each flattened to [out, half*kh*kw]."""
         a, b = w[:, : self.split], w[:, self.split :]

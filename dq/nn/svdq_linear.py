@@ -160,10 +160,6 @@ class SVDQLinear(QuantLinear):
         r = self._parameters["weight"].float() if not self.deployed else super().dequantized_weight().float()
         return (r + self.lowrank_up.float() @ self.lowrank_down.float()) / self.smooth.float()
 
-    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unquantized layer (used to collect calibration inputs with no quantization upstream)."""
-        return F.linear(x, self.float_weight().to(x.dtype), self.bias)
-
     # -- forward ----------------------------------------------------------------------------------------
     def _invalidate(self) -> None:
         self._shift_cache = None

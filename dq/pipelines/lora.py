@@ -28,7 +28,6 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.nn import SVDQLinear
-from dq.nn.base import QuantLayerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +217,3 @@ def enable_lora(model: nn.Module) -> None:
 
     load_lora_adapter._dq_wrapped = True
     model.load_lora_adapter = load_lora_adapter
-
-
-def has_quantized_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLayerMixin) for m in model.modules())

@@ -112,10 +112,6 @@ def dynamic_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
 
 
-def is_per_tensor(spec: QuantSpec) -> bool:
-    return isinstance(spec.granularity, PerTensor)
-
-
 def spec_to_dict(spec: QuantSpec) -> dict:
     """JSON-safe form of a spec (the form stored in quantization_config)."""
     from dq.quant.granularity import granularity_name

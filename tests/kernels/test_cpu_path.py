@@ -20,12 +20,16 @@ def gamma(n: int) -> float:
     return n * U / (1 - n * U)
 
 
-def int8_layer(N, K, seed=0):
+def packed_weight(N, K, spec, seed=0):
+    """Stored codes and fp16 [N, groups] scales of a random [N, K] weight under `spec` (min-max)."""
     torch.manual_seed(seed)
     w = torch.randn(N, K)
-    spec = QuantSpec("int8", PerChannel())
     s, _ = weight_scales(w, spec)
-    return encode_codes(quantize(w, spec, s).reshape(N, K), "int8"), s.reshape(N, 1).half()
+    return encode_codes(quantize(w, spec, s).reshape(N, K), spec.format), s.reshape(N, -1).half()
+
+
+def int8_layer(N, K, seed=0):
+    return packed_weight(N, K, QuantSpec("int8", PerChannel()), seed)
 
 
 @pytest.mark.parametrize("K", [256, 1024])
@@ -51,11 +55,8 @@ def test_int8_codes_accumulate_exactly_up_to_2_pow_24(K):
 ])
 def test_fp32_accumulation_within_gamma_bound(weight, act):
     """Against exact (float64) arithmetic on the same codes, the error is at most gamma_(K+2) sum |a_k b_k|."""
-    torch.manual_seed(1)
     N, K = 48, 4096
-    w = torch.randn(N, K)
-    s, _ = weight_scales(w, weight)
-    qw, sw = encode_codes(quantize(w, weight, s).reshape(N, K), weight.format), s.reshape(N, -1).half()
+    qw, sw = packed_weight(N, K, weight, seed=1)
     x, bias = torch.randn(16, K) * 2, torch.randn(N)
     y = quantized_linear_reference(x, qw, sw, None, bias, weight_format=weight.format, in_features=K, act_spec=act, int_gemm=False)
     wd = dequantize_stored(qw, sw, None, weight.format, K).double()
@@ -172,11 +173,8 @@ def test_dynamic_symmetric_codes_need_no_clamp(spec):
 ])
 def test_weight_tiles_match_the_whole_weight(weight, act):
     """Tiles of output channels (the CPU path for small inputs) give the untiled product within the FP32 bound."""
-    torch.manual_seed(2)
     N, K = 200, 256
-    w = torch.randn(N, K)
-    s, _ = weight_scales(w, weight)
-    qw, sw = encode_codes(quantize(w, weight, s).reshape(N, K), weight.format), s.reshape(N, -1).half()
+    qw, sw = packed_weight(N, K, weight, seed=2)
     x, b = torch.randn(6, K), torch.randn(N)
     kw = dict(weight_format=weight.format, in_features=K, act_spec=act, int_gemm=False)
     with torch.no_grad():
