@@ -1,0 +1,90 @@
+"""CPU layer benchmark: one deployed dq layer against the FP32 nn.Linear it replaces, timed back to back.
+
+Shapes are [M tokens, K in, N out] of SD1.5 at 256x256, batch 2 (M = 2048 at the top level, 32 at the
+deepest); each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Prints the median
+ratio of the interleaved pairs per shape and writes benchmarks/results/cpu_layers.{md,json}.
+
+    python benchmarks/cpu_layers.py [--pairs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dq.nn import LayerPlan, deploy_all, swap_layers  # noqa: E402
+from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
+
+W4 = QuantSpec("int4", PerGroup(64))
+PLANS = {
+    "w8a8": LayerPlan("linear", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
+    "w4a16": LayerPlan("linear", W4, None),
+    "w4a8": LayerPlan("linear", W4, QuantSpec("int8", PerToken())),
+    "svdquant-w4a8": LayerPlan("svdq_linear", W4, QuantSpec("int8", PerToken()), {"rank": 32}),
+    "svdquant-w4a4": LayerPlan("svdq_linear", W4, QuantSpec("int4", PerToken(64)), {"rank": 32}),
+}
+SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (128, 1280, 1280), (32, 1280, 10240)]
+
+
+def paired_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int) -> float:
+    """Median over `pairs` back-to-back calls of variant time / FP time (after one warm-up each)."""
+    fp(x), variant(x)
+    ratios = []
+    for _ in range(pairs):
+        start = time.perf_counter()
+        fp(x)
+        mid = time.perf_counter()
+        variant(x)
+        ratios.append((time.perf_counter() - mid) / (mid - start))
+    return statistics.median(ratios)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Deployed dq layers vs FP32 nn.Linear on the CPU.")
+    p.add_argument("--pairs", type=int, default=15)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_layers"))
+    args = p.parse_args(argv)
+    from pipeline_cpu import cpu_name
+
+    torch.manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for m, k, n in SHAPES:
+            fp = nn.Sequential(nn.Linear(k, n)).eval()
+            x = torch.randn(m, k)
+            row = {"shape": [m, k, n]}
+            for name, plan in PLANS.items():
+                variant = copy.deepcopy(fp)
+                swap_layers(variant, {"0": plan})
+                deploy_all(variant)
+                row[name] = paired_ratio(fp, variant, x, args.pairs)
+            rows.append(row)
+            print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x" for name in PLANS]), flush=True)
+    env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
+    lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
+             "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time.", "",
+             "| M x K x N | " + " | ".join(PLANS) + " |", "|---|" + "---|" * len(PLANS)]
+    for row in rows:
+        lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(f"{row[name]:.2f}x" for name in PLANS) + " |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
