@@ -31,19 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
-from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, dynamic_range, fake_quantize, scales_from_range
+from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, fake_quantize
 from dq.quant.packing import Allocator, new_tensor
 from dq.quant.storage import decode_codes, dequantize_stored
 
 _scratch = threading.local()
-
-
-def int8_rowwise(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric INT8 codes of a 2-D x and their [M, 1] scales."""
-    lo, hi = dynamic_range(x.float(), spec)
-    scale, _ = scales_from_range(lo, hi, spec)
-    scale = scale.reshape(x.shape[0], 1)
-    return torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8), scale
 
 
 def uses_int_mm(weight_format: str, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None, act_spec: QuantSpec | None) -> bool:
@@ -207,8 +199,8 @@ def quantized_linear_reference(
     x2 = cast(x2)
     b = None if bias is None else cast(bias)
     if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
-        xq, row_scale = int8_rowwise(x2, act_spec)
-        y = _scale_output(torch._int_mm(xq, qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
+        codes, row_scale = dynamic_codes(x2, act_spec)
+        y = _scale_output(torch._int_mm(codes.to(torch.int8), qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
     else:
         xa, row_scale = act_operand(x2, act_spec, alloc)
         y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows)

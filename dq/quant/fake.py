@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dq.errors import DQError
-from dq.quant.spec import QuantSpec, cast, dynamic_range, dynamic_scales, qrange, scales_from_range
+from dq.quant.spec import QuantSpec, cast, dynamic_range, dynamic_scales, qrange, scales_are_absmax, scales_from_range
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _grid_no_grad(
     fmt = spec.fmt
     if fmt.is_integer:
         q = q.round_()
-        if scale_from_g and fmt.signed and spec.symmetric and spec.scale_format is None:
+        if scale_from_g and scales_are_absmax(spec):
             return q
         qmin, qmax = qrange(spec)
         return q.clamp_(qmin, qmax)

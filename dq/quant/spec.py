@@ -79,7 +79,13 @@ def scales_from_range(
     return scale, zero
 
 
-def dynamic_scales(g: torch.Tensor, spec: QuantSpec, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def scales_are_absmax(spec: QuantSpec) -> bool:
+    """Dynamic scales of this spec are each group's absmax / qmax: symmetric, signed (or float), unquantized."""
+    fmt = spec.fmt
+    return spec.symmetric and spec.scale_format is None and not (fmt.is_integer and not fmt.signed)
+
+
+def dynamic_scales(g: torch.Tensor, spec: QuantSpec, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of each group of g along `dim` (kept), as scales_from_range(min, max) gives them.
 
     For symmetric signed (and float) formats without scale quantization this takes five small ops instead
@@ -87,8 +93,7 @@ def dynamic_scales(g: torch.Tensor, spec: QuantSpec, dim: int = -1) -> tuple[tor
     Deployed CPU layers call it on every input.
     """
     lo, hi = g.amin(dim, keepdim=True), g.amax(dim, keepdim=True)
-    fmt = spec.fmt
-    if not spec.symmetric or spec.scale_format is not None or (fmt.is_integer and not fmt.signed):
+    if not scales_are_absmax(spec):
         return scales_from_range(lo, hi, spec)
     scale = torch.maximum(lo.neg_(), hi).div_(qrange(spec)[1]).clamp_(min=torch.finfo(torch.float32).tiny)
     return scale, None
