@@ -40,7 +40,7 @@ from dq.cache import (
     schedule_error,
     uniform_schedule,
 )
-from dq.cache.api import denoiser_of
+from dq.nn.denoiser import find_denoiser
 from dq.recipes import load_recipe
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,7 +67,7 @@ class DenoiserTimer:
 
 def generate(pipe: Any, name: str, prompts: list[str], steps: int) -> tuple[torch.Tensor, float, float]:
     """Images [n, 3, H, W] in [0, 1], denoiser seconds and call seconds; one seeded call per prompt."""
-    timer = DenoiserTimer(denoiser_of(pipe))
+    timer = DenoiserTimer(find_denoiser(pipe))
     images, t0 = [], time.perf_counter()
     with torch.no_grad():
         for i, prompt in enumerate(prompts):

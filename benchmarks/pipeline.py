@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dq.sizes import module_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -128,10 +130,6 @@ def _add_lowrank(layer: nn.Module, rank: int) -> None:
     layer.forward = _LowRankQuantLinear.forward.__get__(layer)
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def _device_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -189,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for recipe in args.recipes.split(","):
         t0 = time.time()
         model, inputs = build(args.model, dev, torch.bfloat16, args.tiny)
-        bf16_bytes = weight_bytes(model)
+        bf16_bytes = module_bytes(model)
         quantize(model, recipe)
-        wb = weight_bytes(model)
+        wb = module_bytes(model)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

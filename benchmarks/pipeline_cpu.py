@@ -30,7 +30,8 @@ from torch import nn
 
 from dq.calib import CALIBRATORS
 from dq.kernels.reference import release_scratch, scratch_bytes
-from dq.metrics.perf import denoiser_weight_bytes, peak_memory
+from dq.metrics.perf import peak_memory
+from dq.sizes import module_bytes
 from dq.nn import deploy_all, swap_layers
 from dq.pipelines.walker import select_layers
 from dq.recipes import load_recipe
@@ -135,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     fp, inputs = build(args.model, args.resolution, args.batch)
-    fp_bytes = denoiser_weight_bytes(fp)
+    fp_bytes = module_bytes(fp)
     print(f"{args.model}: {fp_bytes / 2**30:.2f} GiB FP32, built in {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
     for recipe in args.recipes.split(","):
         t0 = time.perf_counter()
         variant, layers = deployed_copy(fp, recipe)
         setup = time.perf_counter() - t0
-        wb = denoiser_weight_bytes(variant)  # its packed buffers plus the FP tensors it shares with fp
+        wb = module_bytes(variant)  # its packed buffers plus the FP tensors it shares with fp
         r = {"recipe": recipe, "layers": layers, "weight_bytes": wb, "fp_weight_bytes": fp_bytes,
              "weight_ratio": wb / fp_bytes, "setup_s": setup}
         r.update(interleaved(fp, variant, inputs, args.rounds))

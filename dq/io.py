@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,3 +41,34 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         shutil.rmtree(backup, ignore_errors=True)
     else:
         tmp.rename(target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
+
+    On any error (or interrupt) the temporary file is removed and `target` is untouched.
+
+    Example:
+        >>> with atomic_file("results.json") as tmp:
+        ...     tmp.write_text(json.dumps(results))
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a text file: one per line, blank lines and lines starting with '#' left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"prompt file {str(path)!r} does not exist; pass an existing text file with one prompt per line.")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]

@@ -13,22 +13,8 @@ from dq.cache.config import CACHE_METHODS, CacheConfig, method_for
 from dq.cache.handle import HANDLE_ATTR, CacheHandle, Recorder, handle_of, install
 from dq.cache.state import REPLAY_KWARG, CacheStats, replay_state
 from dq.errors import DQError
+from dq.nn.denoiser import find_denoiser
 
-_DENOISER_ATTRIBUTES = ("transformer", "unet")
-
-
-def denoiser_of(pipe: Any) -> nn.Module:
-    """`pipe.transformer` / `pipe.unet`, or `pipe` itself if it is a model."""
-    for attr in _DENOISER_ATTRIBUTES:
-        module = getattr(pipe, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    if isinstance(pipe, nn.Module):
-        return pipe
-    raise DQError(
-        f"found no denoiser in {type(pipe).__name__}: expected a diffusers pipeline with a `transformer` or "
-        "`unet`, or a diffusers model."
-    )
 
 
 def _num_steps_fn(pipe: Any) -> Callable[[], int | None]:
@@ -78,7 +64,7 @@ def enable_cache(pipe: Any, config_or_name: CacheConfig | str = "deepcache", **o
         >>> dq.disable_cache(pipe)
     """
     config = make_config(config_or_name, **overrides)
-    denoiser = denoiser_of(pipe)
+    denoiser = find_denoiser(pipe)
     if handle_of(denoiser) is not None:
         raise DQError(
             f"a {handle_of(denoiser).config.method} cache is already enabled on {type(denoiser).__name__}; "
@@ -101,7 +87,7 @@ def disable_cache(pipe: Any) -> None:
     Example:
         >>> dq.disable_cache(pipe)
     """
-    denoiser = denoiser_of(pipe)
+    denoiser = find_denoiser(pipe)
     handle = handle_of(denoiser)
     if handle is None:
         return
@@ -115,7 +101,7 @@ def cache_stats(pipe: Any) -> CacheStats:
 
 
 def _handle(pipe: Any) -> CacheHandle:
-    handle = handle_of(denoiser_of(pipe))
+    handle = handle_of(find_denoiser(pipe))
     if handle is None:
         raise DQError("no dq cache is enabled on this pipeline; call dq.enable_cache(pipe, ...) first.")
     return handle
@@ -159,7 +145,7 @@ def calibration_replay(pipe: Any) -> CalibrationReplay | None:
     DQError for an adaptive cache (first-block-cache): whether a step is cached depends on the quantized
     model's own features, so recorded FP decisions cannot stand for it.
     """
-    handle = handle_of(denoiser_of(pipe))
+    handle = handle_of(find_denoiser(pipe))
     if handle is None:
         return None
     if not handle.config.replayable:

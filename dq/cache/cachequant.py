@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dq.cache.api import denoiser_of, disable_cache, enable_cache, record_trajectory
+from dq.cache.api import disable_cache, enable_cache, record_trajectory
 from dq.cache.block_cache import BlockCacheConfig, apply_block_cache
 from dq.cache.config import CacheConfig, register_cache_method
+from dq.nn.denoiser import find_denoiser
 from dq.cache.dec import DEC_FITS, LAYER_HOOK, OutputAffineHook, channel_affine_fit
 from dq.cache.deepcache import DeepCacheConfig, apply_deepcache, plan_deepcache
 from dq.cache.handle import CacheHandle, FeatureCorrection
@@ -195,7 +196,7 @@ def calibrate_cachequant(
     config = CacheQuantConfig(interval=interval, refresh_steps=refresh, num_inference_steps=num_steps, **fields)
     if dec is None:
         return config
-    channel_dim = 1 if config.base_config(denoiser_of(pipe)).method == "deepcache" else -1
+    channel_dim = 1 if config.base_config(find_denoiser(pipe)).method == "deepcache" else -1
     for step in range(num_steps):
         c = _segment_start(refresh, step)
         if c == step:
@@ -218,7 +219,7 @@ def _trajectories(pipe: Any, config: CacheQuantConfig, calls: list[dict[str, Any
 
 def _fit_layer_correction(pipe: Any, fp_pipe: Any, calls: list[dict[str, Any]], config: CacheQuantConfig) -> None:
     """Per output channel of each consumer layer: FP output ~ a * quantized output + b on cached-step inputs."""
-    denoiser, fp_modules = denoiser_of(pipe), dict(denoiser_of(fp_pipe).named_modules())
+    denoiser, fp_modules = find_denoiser(pipe), dict(find_denoiser(fp_pipe).named_modules())
     layers = consumer_layers(denoiser, config)
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     handle = enable_cache(pipe, config)

@@ -34,6 +34,7 @@ from dq.kernels.cpu_gemm import int8_gemm_is_fast
 from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, fake_quantize
 from dq.quant.packing import Allocator, new_tensor
 from dq.quant.storage import decode_codes, dequantize_stored
+from dq.sizes import tensors_bytes
 
 _scratch = threading.local()
 
@@ -85,7 +86,7 @@ def _reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device
 
 def scratch_bytes() -> int:
     """Bytes held by this thread's reused buffers (weight operands, unpacking, layer inputs)."""
-    return sum(t.numel() * t.element_size() for t in _scratch.__dict__.get("buffers", {}).values())
+    return tensors_bytes(_scratch.__dict__.get("buffers", {}).values())
 
 
 def release_scratch() -> None:

@@ -9,7 +9,7 @@ from dq.metrics.clip import HFCLIPScore, OpenCLIPScore, caption_retrieval_accura
 from dq.metrics.clip_backbone import CLIPImageFeatures, load_open_clip
 from dq.metrics.fid import FID, resolve_inception_weights
 from dq.metrics.images import Images, to_float, to_uint8
-from dq.metrics.perf import PerfResult, StepTimer, denoiser_weight_bytes, measure_pipeline, peak_memory
+from dq.metrics.perf import PerfResult, StepTimer, measure_pipeline, peak_memory
 from dq.metrics.similarity import LPIPS, PSNR, SSIM
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "SSIM",
     "StepTimer",
     "caption_retrieval_accuracy",
-    "denoiser_weight_bytes",
     "load_open_clip",
     "measure_pipeline",
     "peak_memory",

@@ -20,28 +20,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from dq.sizes import module_bytes
+
 logger = logging.getLogger(__name__)
-
-
-def denoiser_weight_bytes(module: nn.Module) -> int:
-    """Bytes stored by a module's parameters and buffers, each tensor counted once.
-
-    Quantized layers keep their packed weights and scales as buffers, and tensor subclasses are counted through
-    their inner tensors, so this is the real storage, not the FP size.
-
-    Args:
-        module: The denoiser (UNet or transformer).
-    """
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(_tensor_bytes(t) for t in tensors.values())
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    """Storage bytes of a tensor, recursing into the inner tensors of a tensor subclass."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
 
 
 class StepTimer:
@@ -248,7 +229,7 @@ def measure_pipeline(
         steps_per_call=timer.calls / repeats,
         peak_memory_bytes=peak.bytes,
         memory_source=peak.source,
-        weight_bytes=denoiser_weight_bytes(denoiser),
+        weight_bytes=module_bytes(denoiser),
         device=str(device),
         warmup=warmup,
         repeats=repeats,

@@ -9,6 +9,7 @@ from dq.errors import DQError
 from dq.nn.quantizer import ActQuantizer, WeightQuantizer
 from dq.quant import QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
+from dq.sizes import tensor_bytes, tensors_bytes
 
 # Deployed layers keep scales in half precision: 1/32 of a byte per weight at group 64.
 SCALE_DTYPE = torch.float16
@@ -131,7 +132,5 @@ class QuantLayerMixin:
     def weight_nbytes(self) -> int:
         """Bytes of the weight as stored (codes + scales in deploy mode, the float tensor otherwise)."""
         if not self.deployed:
-            w = self._parameters["weight"]
-            return w.numel() * w.element_size()
-        tensors = [self.qweight, self.weight_scale] + ([self.weight_zero] if self.weight_zero is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+            return tensor_bytes(self._parameters["weight"])
+        return tensors_bytes([self.qweight, self.weight_scale, self.weight_zero])

@@ -21,6 +21,7 @@ from dq.nn.quantizer import ActQuantizer, WeightQuantizer
 from dq.nn.swap import FLOAT_LAYER_KIND, QUANT_LAYER_TYPES
 from dq.quant import QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
+from dq.sizes import tensors_bytes
 
 _HALVES = ("", "_skip")  # buffer-name suffixes of the h half and the skip half
 
@@ -141,8 +142,7 @@ class QuantSplitConv2d(QuantConv2d):
         if not self.deployed:
             return super().weight_nbytes()
         names = [f"{n}{s}" for s in _HALVES for n in ("qweight", "weight_scale", "weight_zero")]
-        tensors = [getattr(self, n) for n in names if getattr(self, n) is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors_bytes([getattr(self, n) for n in names])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, split={self.split}"

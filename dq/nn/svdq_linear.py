@@ -25,6 +25,7 @@ from dq.kernels import quantized_linear
 from dq.nn.quant_linear import QuantLinear
 from dq.nn.swap import QUANT_LAYER_TYPES
 from dq.quant import QuantSpec
+from dq.sizes import tensors_bytes
 
 BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -239,8 +240,7 @@ class SVDQLinear(QuantLinear):
         return self.float_weight().reshape(self.weight_shape).to(self.weight_dtype)
 
     def weight_nbytes(self) -> int:
-        branch = sum(t.numel() * t.element_size() for t in (self.smooth, self.lowrank_down, self.lowrank_up))
-        return super().weight_nbytes() + branch
+        return super().weight_nbytes() + tensors_bytes([self.smooth, self.lowrank_down, self.lowrank_up])
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -9,10 +9,9 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.nn import LayerPlan
+from dq.nn.denoiser import find_denoiser
 from dq.nn.swap import FLOAT_LAYER_KIND
 from dq.quant import PerGroup, PerToken, QuantSpec
-
-DENOISER_ATTRIBUTES = ("transformer", "unet")
 
 # Kept in high precision by default: what the SVDQuant, Q-Diffusion and ViDiT-Q code keep. Globs over
 # full module names; bare names match only top-level modules (the model's own input/output layers).
@@ -39,20 +38,6 @@ DEFAULT_SKIP = (
     "adaln_single*",
     "*norm*",
 )
-
-
-def find_denoiser(pipe_or_model: object) -> nn.Module:
-    """The denoiser of a diffusers pipeline (`pipe.transformer` or `pipe.unet`), or the model itself."""
-    for attr in DENOISER_ATTRIBUTES:
-        module = getattr(pipe_or_model, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    if isinstance(pipe_or_model, nn.Module) and hasattr(pipe_or_model, "config"):
-        return pipe_or_model
-    raise DQError(
-        f"found no denoiser in {type(pipe_or_model).__name__}: expected a diffusers pipeline with a "
-        f"`transformer` or `unet` component, or a diffusers model. Pass the pipeline that generates images."
-    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from dq.metrics import StepTimer, denoiser_weight_bytes, measure_pipeline, peak_memory
+from dq.metrics import StepTimer, measure_pipeline, peak_memory
+from dq.sizes import module_bytes
 
 
 class TinyDenoiser(nn.Module):
@@ -41,13 +42,13 @@ def test_step_timer_counts_and_times_forward_calls():
 def test_weight_bytes_is_the_sum_of_tensor_bytes():
     denoiser = TinyDenoiser()
     expected = (8 * 8 + 8) * 4 + (8 * 8 + 8) * 2 + 8 * 4 * 1 + 8 * 2
-    assert denoiser_weight_bytes(denoiser) == expected
+    assert module_bytes(denoiser) == expected
 
 
 def test_shared_tensors_are_counted_once():
     shared = nn.Linear(4, 4, bias=False)
     model = nn.Sequential(shared, shared)
-    assert denoiser_weight_bytes(model) == 4 * 4 * 4
+    assert module_bytes(model) == 4 * 4 * 4
 
 
 def test_cpu_peak_memory_sees_an_allocation():
@@ -63,6 +64,6 @@ def test_measure_pipeline_reports_medians_after_warmup():
     result = measure_pipeline(fake_pipeline(denoiser, steps=4), denoiser, images_per_call=2, warmup=1, repeats=3)
     assert result.steps_per_call == 4
     assert result.latency_per_step_s is not None and result.latency_per_step_s <= result.latency_per_image_s * 2
-    assert result.weight_bytes == denoiser_weight_bytes(denoiser)
+    assert result.weight_bytes == module_bytes(denoiser)
     assert result.peak_memory_bytes > 0 and result.device == "cpu"
     assert set(result.to_dict()) >= {"latency_per_image_s", "latency_per_step_s", "peak_memory_bytes"}
