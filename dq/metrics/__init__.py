@@ -9,7 +9,7 @@ from dq.metrics.clip import HFCLIPScore, OpenCLIPScore, caption_retrieval_accura
 from dq.metrics.clip_backbone import CLIPImageFeatures, load_open_clip
 from dq.metrics.fid import FID, resolve_inception_weights
 from dq.metrics.images import Images, to_float, to_uint8
-from dq.metrics.perf import PerfResult, StepTimer, measure_pipeline, peak_memory
+from dq.metrics.perf import PerfResult, StepTimer, TimedCall, measure_pipeline, peak_memory, timed_call, warm_up
 from dq.metrics.similarity import LPIPS, PSNR, SSIM
 
 __all__ = [
@@ -25,11 +25,14 @@ __all__ = [
     "PerfResult",
     "SSIM",
     "StepTimer",
+    "TimedCall",
     "caption_retrieval_accuracy",
     "load_open_clip",
     "measure_pipeline",
     "peak_memory",
     "resolve_inception_weights",
+    "timed_call",
     "to_float",
     "to_uint8",
+    "warm_up",
 ]

@@ -1,7 +1,8 @@
 """Speed and memory of a pipeline: latency per image and per denoiser step, peak memory, denoiser weight bytes.
 
-Timing uses CUDA events for CUDA work and ``time.perf_counter`` on CPU, always after warm-up and reported as
-medians. Peak memory is the CUDA caching allocator's ``max_memory_allocated`` on GPU and the process peak RSS
+``timed_call`` is the one timed pipeline call (eval, the app and ``measure_pipeline`` use it), and ``warm_up``
+the one untimed call before it. Timing uses CUDA events for CUDA work and ``time.perf_counter`` on CPU, always
+after warm-up and reported as medians. Peak memory is the CUDA caching allocator's ``max_memory_allocated`` on GPU and the process peak RSS
 (``VmHWM``, reset through ``/proc/self/clear_refs``) on CPU. Speed is measured, never asserted in tests.
 """
 
@@ -167,6 +168,56 @@ def _rss_peak() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def warm_up(pipe: Callable[..., Any], **kwargs: Any) -> None:
+    """One untimed 1-step call with the arguments of the calls to be timed (same batch shape).
+
+    Allocator growth, kernel selection and autotuning happen here instead of in the first timed call.
+    """
+    pipe(**{**kwargs, "num_inference_steps": 1})
+
+
+@dataclass
+class TimedCall:
+    """One timed call: its output, wall seconds, the denoiser's forward calls and the peak memory over it."""
+
+    output: Any
+    seconds: float
+    step_seconds: list[float]
+    peak: MemoryPeak
+
+    @property
+    def denoiser_calls(self) -> int:
+        """Number of denoiser forward calls (the steps, for pipelines that batch classifier-free guidance)."""
+        return len(self.step_seconds)
+
+
+def timed_call(run: Callable[[], Any], denoiser: nn.Module, device: torch.device | str) -> TimedCall:
+    """Call ``run()`` once, synchronized, timing it and each denoiser forward and measuring peak memory.
+
+    Args:
+        run: One pipeline call, e.g. ``lambda: pipe(prompts, num_inference_steps=20)``.
+        denoiser: The pipeline's denoiser, whose forward calls are the steps.
+        device: Where the pipeline runs.
+
+    Example:
+        >>> call = timed_call(lambda: pipe("a corgi", num_inference_steps=20), pipe.unet, "cuda")
+        >>> call.seconds, call.denoiser_calls, call.peak.bytes
+    """
+    device = torch.device(device)
+    with peak_memory(device) as peak, StepTimer(denoiser) as timer:
+        _synchronize(device)
+        start = time.perf_counter()
+        output = run()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    return TimedCall(output, seconds, timer.durations(), peak)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class PerfResult:
     """Speed and memory of one pipeline configuration; all times in seconds, medians after warm-up."""
@@ -209,26 +260,17 @@ def measure_pipeline(
         >>> result.to_dict()
     """
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
-    cuda = device.type == "cuda"
     for _ in range(warmup):
         run()
-    call_seconds = []
-    with peak_memory(device) as peak, StepTimer(denoiser) as timer:
-        for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize(device)
-            call_seconds.append(time.perf_counter() - start)
-    steps = timer.durations()
+    calls = [timed_call(run, denoiser, device) for _ in range(repeats)]
+    steps = [s for call in calls for s in call.step_seconds]
+    peaks = [call.peak.bytes for call in calls if call.peak.bytes is not None]
     return PerfResult(
-        latency_per_image_s=statistics.median(call_seconds) / images_per_call,
+        latency_per_image_s=statistics.median(call.seconds for call in calls) / images_per_call,
         latency_per_step_s=statistics.median(steps) if steps else None,
-        steps_per_call=timer.calls / repeats,
-        peak_memory_bytes=peak.bytes,
-        memory_source=peak.source,
+        steps_per_call=len(steps) / repeats,
+        peak_memory_bytes=max(peaks) if peaks else None,
+        memory_source=calls[0].peak.source,
         weight_bytes=module_bytes(denoiser),
         device=str(device),
         warmup=warmup,
