@@ -19,14 +19,21 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dq.evaluation.config import Variant
+import dq
 from dq.evaluation.rundir import RunDir, read_json, write_frames, write_json, write_png
+from dq.evaluation.variants import Variant
+from dq.metrics.perf import timed_call, warm_up
+from dq.nn.denoiser import find_denoiser
+from dq.sizes import module_bytes
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +57,12 @@ def make_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def is_video_pipeline(pipe: Any) -> bool:
+def is_video_pipeline(pipe: DiffusionPipeline) -> bool:
     """Whether the pipeline makes clips (its ``__call__`` takes ``num_frames``)."""
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def call_arguments(pipe: Any, steps: int, guidance: Optional[float], overrides: dict[str, Any]) -> dict[str, Any]:
+def call_arguments(pipe: DiffusionPipeline, steps: int, guidance: Optional[float], overrides: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments every generation call shares (prompts and generators are added per batch).
 
     Args:
@@ -87,18 +94,14 @@ class VariantBuilder:
         load: Zero-argument callable returning a freshly loaded FP pipeline on the target device.
     """
 
-    def __init__(self, load: Callable[[], Any]) -> None:
+    def __init__(self, load: Callable[[], DiffusionPipeline]) -> None:
         self.load = load
 
-    def build(self, variant: Variant) -> tuple[Any, dict[str, Any]]:
+    def build(self, variant: Variant) -> tuple[DiffusionPipeline, dict[str, Any]]:
         """Return ``(pipeline, info)``; info holds weight bytes, the quantization summary and build seconds."""
-        import dq
-        from dq.metrics import denoiser_weight_bytes
-        from dq.pipelines.walker import find_denoiser
-
         start = time.perf_counter()
         pipe = self.load()
-        info: dict[str, Any] = {"variant": variant.name, "recipe": variant.recipe, "cache": variant.cache}
+        info: dict[str, Any] = {"variant": variant.name, "recipe": variant.recipe, "cache": variant.cache_spec}
         if variant.recipe is not None:
             report = dq.quantize(pipe, variant.recipe)
             info["quantization"] = {
@@ -107,19 +110,11 @@ class VariantBuilder:
                 "layers_skipped": len(report.skipped),
             }
         if variant.cache is not None:
-            enable_cache(pipe, variant)
+            dq.enable_cache(pipe, variant.cache)
         pipe.set_progress_bar_config(disable=True)
-        info["weight_bytes"] = denoiser_weight_bytes(find_denoiser(pipe))
+        info["weight_bytes"] = module_bytes(find_denoiser(pipe))
         info["build_seconds"] = time.perf_counter() - start
         return pipe, info
-
-
-def enable_cache(pipe: Any, variant: Variant) -> None:
-    """Turn on the cache method a ``+cache`` variant suffix names."""
-    from dq.cache import enable_cache as enable
-    from dq.evaluation.config import cache_config
-
-    enable(pipe, cache_config(variant.name))
 
 
 def generate_variant(
@@ -127,7 +122,7 @@ def generate_variant(
     batches: list[tuple[int, list[Item]]],
     run: RunDir,
     builder: VariantBuilder,
-    call_kwargs_for: Callable[[Any], dict[str, Any]],
+    call_kwargs_for: Callable[[DiffusionPipeline], dict[str, Any]],
     video: bool,
     device: torch.device,
     show_progress: bool = True,
@@ -144,9 +139,6 @@ def generate_variant(
         device: Where the pipeline runs (for timing and memory).
         show_progress: Show a tqdm bar.
     """
-    from dq.metrics.perf import StepTimer, peak_memory
-    from dq.pipelines.walker import find_denoiser
-
     todo = [(b, items) for b, items in batches if any(not _exists(run, variant, it, video) for it in items)]
     if not todo:
         return 0
@@ -154,34 +146,29 @@ def generate_variant(
     write_json(run.variant_path(variant.name), info)
     kwargs = call_kwargs_for(pipe)
     denoiser = find_denoiser(pipe)
-    _warm_up(pipe, kwargs, todo[0][1])
+    first = todo[0][1]
+    warm_up(pipe, prompt=[it.prompt for it in first], generator=_generators(first), **kwargs)
     written = 0
     bar = tqdm(total=sum(len(items) for _, items in todo), desc=f"dq eval: generating {variant.name}",
                unit="img", disable=not show_progress)
     for batch_id, items in todo:
-        generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
-        with peak_memory(device) as peak, StepTimer(denoiser) as timer:
-            _synchronize(device)
-            start = time.perf_counter()
-            output = pipe(prompt=[it.prompt for it in items], generator=generators, **kwargs)
-            _synchronize(device)
-            seconds = time.perf_counter() - start
-        pixels = to_uint8(np.asarray(output.frames if video else output.images))
+        call = timed_call(lambda: pipe(prompt=[it.prompt for it in items], generator=_generators(items), **kwargs),
+                          denoiser, device)
+        pixels = to_uint8(np.asarray(call.output.frames if video else call.output.images))
         for it, image in zip(items, pixels):
             path = run.image_path(variant.name, it.index, it.seed, video)
             if path.exists():
                 continue  # finished by an earlier run: leave the file (and its mtime) alone
             (write_frames if video else write_png)(path, image)
             written += 1
-        step_seconds = timer.durations()
         write_json(run.perf_path(variant.name, batch_id), {
             "batch": batch_id,
             "images": len(items),
-            "seconds": seconds,
-            "steps": timer.calls,
-            "step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
-            "peak_memory_bytes": peak.bytes,
-            "memory_source": peak.source,
+            "seconds": call.seconds,
+            "steps": call.denoiser_calls,
+            "step_seconds_median": statistics.median(call.step_seconds) if call.step_seconds else None,
+            "peak_memory_bytes": call.peak.bytes,
+            "memory_source": call.peak.source,
             "device": str(device),
         })
         bar.update(len(items))
@@ -197,15 +184,9 @@ def _exists(run: RunDir, variant: Variant, item: Item, video: bool) -> bool:
     return run.image_path(variant.name, item.index, item.seed, video).exists()
 
 
-def _warm_up(pipe: Any, kwargs: dict[str, Any], items: list[Item]) -> None:
-    """One untimed 1-step call of the batch shape to be timed."""
-    warm = {**kwargs, "num_inference_steps": 1}
-    pipe(prompt=[it.prompt for it in items], generator=[torch.Generator("cpu").manual_seed(it.seed) for it in items], **warm)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _generators(items: list[Item]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed (the same noise on every device)."""
+    return [torch.Generator("cpu").manual_seed(it.seed) for it in items]
 
 
 def summarize_perf(records: Iterable[dict[str, Any]]) -> Optional[dict[str, Any]]:

@@ -14,7 +14,9 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dq.evaluation.rundir import RunDir, atomic_write, read_pixels
+from dq.evaluation.generation import Item
+from dq.evaluation.rundir import RunDir, read_pixels
+from dq.io import atomic_file
 
 GRID_PROMPTS = 8
 GRID_MIN_CELL = 128
@@ -122,7 +124,7 @@ def _first_memory_source(results: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def write_grid(path: Path, run: RunDir, results: dict[str, Any], items: list[Any], video: bool) -> None:
+def write_grid(path: Path, run: RunDir, results: dict[str, Any], items: list[Item], video: bool) -> None:
     """The first prompts side by side across variants (rows: prompts, columns: variants; clips as frame strips)."""
     variants = list(results["variants"])
     shown = items[:GRID_PROMPTS]
@@ -138,7 +140,8 @@ def write_grid(path: Path, run: RunDir, results: dict[str, Any], items: list[Any
         for col, pixels in enumerate(line):
             tile = Image.fromarray(pixels).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (pad + col * (cell_w + pad), label_h + pad + row * (cell_h + pad)))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")
+    with atomic_file(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def _strip(frames: np.ndarray) -> np.ndarray:
@@ -175,6 +178,7 @@ def write_plot(path: Path, results: dict[str, Any]) -> bool:
     ax.set_title(f"dq eval: {results['config']['model']}", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return True

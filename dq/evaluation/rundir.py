@@ -1,4 +1,5 @@
-"""The RUN directory: where each artifact lives, atomic writes, and the guard against mixing configurations.
+"""The RUN directory: where each artifact lives, its writers (atomic, via dq.io), and the guard against mixing
+configurations.
 
 Layout::
 
@@ -12,19 +13,18 @@ Layout::
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from dq.errors import DQError
-from dq.evaluation.config import CONFIG_VERSION, config_differences
+from dq.io import atomic_directory, atomic_file
 
 CONFIG_FILE = "config.json"
+CONFIG_VERSION = 1
 
 
 class RunDir:
@@ -90,22 +90,10 @@ class RunDir:
         return resumed
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (indented, keys in insertion order)."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n"))
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -115,23 +103,28 @@ def read_json(path: Path) -> Any:
 
 def write_png(path: Path, pixels: np.ndarray) -> None:
     """Write one ``(H, W, 3)`` uint8 image as PNG (lossless, so metrics see exactly what was generated)."""
-    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), suffix=".png")
+    with atomic_file(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
 
 
 def write_frames(path: Path, frames: np.ndarray) -> None:
     """Write a clip ``(F, H, W, 3)`` uint8 as a directory of PNG frames, renamed into place in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         for f, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{f:04d}.png", format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_pixels(path: Path) -> np.ndarray:
     """Read an image as ``(1, H, W, 3)`` uint8, or a frame directory as ``(F, H, W, 3)``."""
     files = sorted(path.glob("*.png")) if path.is_dir() else [path]
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable ``key: old -> new`` lines for every generation setting that differs."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            before, after = json.dumps(old.get(key))[:120], json.dumps(new.get(key))[:120]
+            lines.append(f"{key}: {before} -> {after}")
+    return lines

@@ -7,23 +7,22 @@ process writes config.json, results.json and the report.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+import diffusers
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
-from dq.evaluation.config import (
-    EvalConfig,
-    Variant,
-    check_model,
-    generation_record,
-    parse_variants,
-    read_prompts,
-    reference_names,
-)
+from dq import reference
+from dq.errors import DQError
+from dq.evaluation.eval_config import EvalConfig, generation_record
 from dq.evaluation.generation import (
+    Item,
     VariantBuilder,
     call_arguments,
     generate_variant,
@@ -32,9 +31,16 @@ from dq.evaluation.generation import (
     read_perf,
     summarize_perf,
 )
-from dq.evaluation.report import add_ratios, markdown_report, write_grid, write_plot
+from dq.evaluation.prompts import read_prompts
+from dq.evaluation.report import add_ratios, markdown_report, markdown_table, write_grid, write_plot
 from dq.evaluation.rundir import RunDir, read_json, write_json
-from dq.evaluation.scoring import build_metrics, real_images, score_variants
+from dq.evaluation.scoring import MetricSet, build_metrics, real_images, score_variants
+from dq.evaluation.variants import Variant, parse_variants
+from dq.io import atomic_file
+from dq.pipelines.loading import check_model, load_pipeline
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         cfg: What to evaluate and where to write it.
 
     Example:
-        >>> from dq.eval import EvalConfig, evaluate
+        >>> from dq.evaluation import EvalConfig, evaluate
         >>> results = evaluate(EvalConfig(model="ref-sd", out="runs/sd", variants=["fp", "w8a8"], n=8, steps=20))
         >>> results["variants"]["w8a8"]["metrics"]["psnr"]["value"]
     """
@@ -57,7 +63,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # Everything a user can get wrong is checked here, on every process, before any model is loaded.
     model_id = check_model(cfg.model)
     variants = parse_variants(cfg.variants)
-    reference_domain = model_id in reference_names(_reference())
+    reference_domain = model_id in reference.names()
     _refuse_requantizing(model_id, variants)
     video = _is_video_model(model_id)
     prompts = read_prompts(cfg.prompts, cfg.n, video=video and reference_domain)
@@ -79,16 +85,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     batches = list(enumerate(make_batches(items, cfg.batch_size)))
     with state.split_between_processes(batches) as shard:
         my_batches = list(shard)
-    overrides = {**(_reference().generation_kwargs(model_id) if reference_domain else {}), **{
+    overrides = {**(reference.generation_kwargs(model_id) if reference_domain else {}), **{
         k: v for k, v in (("height", cfg.height), ("width", cfg.width), ("num_frames", cfg.num_frames)) if v is not None
     }}
 
-    def load() -> Any:
-        from dq.pipelines.loading import load_pipeline
-
+    def load() -> DiffusionPipeline:
         return load_pipeline(model_id, device=device, dtype=_DTYPES[dtype_name])
 
-    def call_kwargs_for(pipe: Any) -> dict[str, Any]:
+    def call_kwargs_for(pipe: DiffusionPipeline) -> dict[str, Any]:
         return call_arguments(pipe, cfg.steps, cfg.guidance, overrides)
 
     builder = VariantBuilder(load)
@@ -108,25 +112,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
-def process_state() -> Any:
+def process_state() -> PartialState:
     """accelerate's ``PartialState``; gloo on CPU-only hosts, so ``accelerate launch --multi_gpu`` or ``torchrun``
     shard an eval over CPU processes too (accelerate only picks a CPU backend when asked for ``cpu``)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
-def _reference() -> Any:
-    from dq import reference
-
-    return reference
 
 
 def _refuse_requantizing(model_id: str, variants: list[Variant]) -> None:
     """A saved quantized pipeline cannot take a recipe again: say so before anything is generated."""
-    from dq.errors import DQError
-
     configs = Path(model_id).glob("*/config.json") if Path(model_id).is_dir() else []
     quantized = any("quantization_config" in json.loads(c.read_text()) for c in configs)
     recipes = [v.name for v in variants if v.recipe is not None]
@@ -139,12 +132,7 @@ def _refuse_requantizing(model_id: str, variants: list[Variant]) -> None:
 
 def _is_video_model(model_id: str) -> bool:
     """Whether the model makes clips, from its pipeline class (no weights are loaded)."""
-    import inspect
-
-    import diffusers
-
-    reference = _reference()
-    if model_id in reference_names(reference):
+    if model_id in reference.names():
         return bool(reference.is_video(model_id))
     index = Path(model_id) / "model_index.json"
     if not index.is_file():
@@ -168,7 +156,7 @@ def _ensure_variant_info(run: RunDir, variants: list[Variant], builder: VariantB
             del pipe
 
 
-def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: dict, metric_set: Any,
+def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: dict, metric_set: MetricSet,
               device: str) -> dict[str, Any]:
     """results.json: configuration, metric settings, and per variant its metrics, size and measured perf."""
     fp = next(v for v in variants if v.is_fp)
@@ -186,7 +174,7 @@ def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: di
         info = read_json(info_path) if info_path.is_file() else {}
         results["variants"][variant.name] = {
             "recipe": variant.recipe,
-            "cache": variant.cache,
+            "cache": variant.cache_spec,
             "quantization": info.get("quantization"),
             "weight_bytes": info.get("weight_bytes"),
             "metrics": scores.get(variant.name, {}),
@@ -196,21 +184,16 @@ def _assemble(run: RunDir, generation: dict, variants: list[Variant], scores: di
     return results
 
 
-def _write_outputs(run: RunDir, results: dict[str, Any], items: list[Any], video: bool) -> None:
+def _write_outputs(run: RunDir, results: dict[str, Any], items: list[Item], video: bool) -> None:
     write_json(run.root / "results.json", results)
-    report = markdown_report(results)
-    (run.root / "report.md").parent.mkdir(parents=True, exist_ok=True)
-    from dq.evaluation.rundir import atomic_write
-
-    atomic_write(run.root / "report.md", lambda tmp: tmp.write_text(report))
+    with atomic_file(run.root / "report.md") as tmp:
+        tmp.write_text(markdown_report(results))
     write_grid(run.root / "grid.png", run, results, items, video)
     write_plot(run.root / "quality_vs_speed.png", results)
 
 
 def results_table(results: dict[str, Any]) -> str:
     """The report table of a results dict, for printing."""
-    from dq.evaluation.report import markdown_table
-
     return markdown_table(results)
 
 

@@ -21,23 +21,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dq import reference
 from dq.errors import DQError
-from dq.evaluation.config import ScoringConfig, Variant
+from dq.evaluation.eval_config import ScoringConfig
 from dq.evaluation.generation import Item
 from dq.evaluation.rundir import RunDir, read_pixels
+from dq.evaluation.variants import Variant
+from dq.metrics import FID, LPIPS, METRICS, HFCLIPScore, OpenCLIPScore, load_open_clip
+from dq.metrics.base import PerImageMetric
+from dq.reference.clip import clip_checkpoint, domain_clip
 
 logger = logging.getLogger(__name__)
 
 EVAL_METRICS = ("fid", "clip", "psnr", "ssim", "lpips")
 PAIRED = ("fid", "psnr", "ssim", "lpips")  # compared with the FP image of the same prompt and seed
 
+EvalMetric = PerImageMetric | FID | HFCLIPScore  # what eval drives: update(images, ...), compute(), settings()
+
 
 @dataclass
 class MetricSet:
     """The constructed metrics of a run, their recorded settings, and the metrics left out (with reasons)."""
 
-    metrics: dict[str, Any] = field(default_factory=dict)
-    real_fid: Optional[Any] = None
+    metrics: dict[str, EvalMetric] = field(default_factory=dict)
+    real_fid: Optional[FID] = None
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -98,8 +105,6 @@ def build_metrics(scoring: ScoringConfig, reference_domain: bool, device: torch.
             elif name == "lpips":
                 metric = _lpips(scoring)
             else:
-                from dq.metrics import METRICS
-
                 metric = METRICS.get(name)()
         except DQError as error:
             if explicit or _configured(name, scoring):
@@ -136,34 +141,26 @@ def _resolve_clip(scoring: ScoringConfig, reference_domain: bool, device: torch.
     if spec is None:
         return None
     if spec == "domain":
-        from dq.reference.clip import clip_checkpoint, domain_clip
-
         model, _, tokenizer = domain_clip(device=device)
         return _Clip(label="dq-reference-domain-clip", open_clip=(model, tokenizer), weights=str(clip_checkpoint()))
     local = Path(spec).expanduser()
     if local.is_dir() and (local / "config.json").is_file() and not (local / "open_clip_config.json").is_file():
         return _Clip(label=f"transformers:{local}", hf_dir=str(local))
-    from dq.metrics import load_open_clip
-
     if scoring.clip_weights is not None and not Path(scoring.clip_weights).expanduser().is_file():
         raise DQError(f"--clip-weights {scoring.clip_weights}: no such file; expected an open_clip checkpoint.")
     model, tokenizer, label = load_open_clip(spec, scoring.clip_weights)
     return _Clip(label=label, open_clip=(model.to(device), tokenizer), weights=scoring.clip_weights)
 
 
-def _clip_metric(clip: _Clip, scoring: ScoringConfig) -> Any:
-    from dq.metrics import HFCLIPScore, OpenCLIPScore
-
+def _clip_metric(clip: _Clip, scoring: ScoringConfig) -> OpenCLIPScore | HFCLIPScore:
     if clip.hf_dir is not None:
         return HFCLIPScore(clip.hf_dir)
     model, tokenizer = clip.open_clip
     return OpenCLIPScore(model, tokenizer=tokenizer, antialias=scoring.antialias)
 
 
-def _fid(scoring: ScoringConfig, clip: Optional[_Clip], reference_domain: bool, clip_error: Optional[DQError]) -> Any:
+def _fid(scoring: ScoringConfig, clip: Optional[_Clip], reference_domain: bool, clip_error: Optional[DQError]) -> FID:
     """FID on the backbone --fid-backbone names (default: domain CLIP for reference pipelines, else Inception)."""
-    from dq.metrics import FID
-
     backbone = scoring.fid_backbone or ("clip" if reference_domain else "inception")
     if backbone == "inception":
         return FID("inception", weights_path=scoring.fid_weights, antialias=scoring.antialias)
@@ -179,9 +176,7 @@ def _fid(scoring: ScoringConfig, clip: Optional[_Clip], reference_domain: bool, 
     return FID(backbone, weights_path=scoring.fid_weights, antialias=scoring.antialias)
 
 
-def _lpips(scoring: ScoringConfig) -> Any:
-    from dq.metrics import LPIPS
-
+def _lpips(scoring: ScoringConfig) -> LPIPS:
     metric = LPIPS(scoring.lpips_net, weights_path=scoring.lpips_weights)
     if metric.unavailable is not None:
         raise DQError(metric.unavailable)
@@ -190,8 +185,6 @@ def _lpips(scoring: ScoringConfig) -> Any:
 
 def real_images(prompts: list[str], seed: int) -> Optional[list[np.ndarray]]:
     """One real image (``(1, H, W, 3)``) or clip (``(F, H, W, 3)``) per prompt of the reference domain."""
-    from dq import reference
-
     samples = reference.real_samples(prompts, seed=seed)
     return [np.stack([np.asarray(f.convert("RGB")) for f in (s if isinstance(s, list) else [s])]) for s in samples]
 

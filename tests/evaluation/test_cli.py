@@ -31,7 +31,7 @@ def _eval(capsys, *argv: str) -> tuple[int, str]:
     ("change", "message"),
     [
         ({"--prompts": "EMPTY"}, "has no prompts"),
-        ({"--prompts": "missing.txt"}, "missing.txt: cannot read"),
+        ({"--prompts": "missing.txt"}, "missing.txt' does not exist"),
         ({"--variants": "fp,w3a3"}, "w3a3"),
         ({"--variants": "fp,w8a8+nocache"}, "nocache"),
         ({"--metrics": "psnr,sharpness"}, "unknown metric(s) sharpness"),

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dq.errors import DQError
-from dq.eval import EvalConfig, ScoringConfig, evaluate
+from dq.evaluation import EvalConfig, ScoringConfig, evaluate
 from dq.evaluation import generation, rundir
 
 
