@@ -19,8 +19,14 @@ from PIL import Image, ImageSequence
 from dq.app import AppConfig, Comparer, GenerateHandler, GenerationRequest, PipelineCache, build_demo, launch
 from dq.app.generate import Comparison, VariantResult, call_arguments, results_table, score
 from dq.app.media import GIF_FRAME_MS, MediaDir, display_image, side_by_side
-from dq.app.variants import FP, VariantSpec, cache_choices, compose_variants, parse_variants
+from dq.app.variants import cache_choices, compose_variants
+from dq.cache import CACHE_METHODS
+from dq.cache.handle import handle_of
+from dq.cli import build_parser
+from dq.commands.app import config_from_args
 from dq.errors import DQError
+from dq.evaluation.variants import FP, Variant, parse_variants
+from dq.metrics import LPIPS
 
 STEPS = 2
 
@@ -99,6 +105,7 @@ def test_compose_variants_puts_fp_first_and_crosses_caches():
         "fp", "w8a8", "fp+deepcache", "w8a8+deepcache", "w4a8+deepcache:interval=5",
     ]
     assert compose_variants([]) == [FP]
+    assert compose_variants([], [], "w8a8+deepcache:interval=5,branch=0") == [FP, "w8a8+deepcache:interval=5,branch=0"]
 
 
 def test_parse_variants_adds_fp_and_rejects_unknown_recipes():
@@ -110,8 +117,6 @@ def test_parse_variants_adds_fp_and_rejects_unknown_recipes():
 
 
 def test_cache_variants_come_from_the_cache_registry():
-    from dq.cache import CACHE_METHODS
-
     assert cache_choices() == CACHE_METHODS.names()
     spec = parse_variants(["w8a8+deepcache:interval=4"])[1]
     assert spec.recipe == "w8a8" and spec.cache.interval == 4 and not spec.is_fp
@@ -123,7 +128,7 @@ def test_cache_variants_come_from_the_cache_registry():
 
 
 def _result(name: str, pixels: np.ndarray, seconds: float, weight_bytes: int, recipe=None) -> VariantResult:
-    return VariantResult(VariantSpec(name, recipe), pixels, seconds, [seconds / 4] * 4, 2**20, "process_peak_rss",
+    return VariantResult(Variant(name, recipe), pixels, seconds, [seconds / 4] * 4, 2**20, "process_peak_rss",
                          weight_bytes)
 
 
@@ -148,8 +153,6 @@ def test_score_and_table_report_psnr_and_ratios_vs_fp():
 
 
 def test_score_records_the_lpips_reason_when_its_weights_are_missing(tmp_path, monkeypatch):
-    from dq.metrics import LPIPS
-
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # an empty hub cache
     pixels = np.zeros((8, 8, 3), np.uint8)
     results = [_result("fp", pixels, 1.0, 1), _result("w8a8", pixels + 1, 1.0, 1, "w8a8")]
@@ -190,7 +193,7 @@ def test_calibration_of_reference_pipelines_runs_at_their_trained_size():
 
 def test_call_arguments_keep_requested_size_and_reject_negative_prompt_where_unsupported(sd_model, comparer):
     pipe = comparer.cache.get(sd_model).pipe
-    kwargs = call_arguments(pipe, GenerationRequest(sd_model, "a red circle", [], steps=3, height=24, guidance=2.0), False)
+    kwargs = call_arguments(pipe, GenerationRequest(sd_model, "a red circle", [], steps=3, height=24, guidance=2.0))
     assert kwargs["height"] == 24 and "width" not in kwargs and kwargs["num_inference_steps"] == 3
     assert kwargs["guidance_scale"] == 2.0 and kwargs["output_type"] == "np"
 
@@ -230,8 +233,6 @@ def test_handler_returns_widget_values_and_turns_dqerrors_into_gr_errors(sd_mode
 
 
 def test_cache_variants_reuse_the_quantized_pipeline_and_remove_their_hooks(sd_model, comparer):
-    from dq.cache.handle import handle_of
-
     result = comparer.compare(GenerationRequest(sd_model, "a red circle", ["w8a8", "w8a8+deepcache"], steps=STEPS))
     w8a8, cached = result.results[1:]
     assert cached.spec.cache is not None and cached.weight_bytes == w8a8.weight_bytes
@@ -308,10 +309,6 @@ def test_served_app_generates_compares_and_survives_errors(sd_model, comparer):
 
 
 def test_dq_app_subcommand_is_registered():
-    from dq.cli import build_parser
-
-    args = build_parser().parse_args(["app", "--port", "7999", "--dtype", "float32", "--calib-samples", "4"])
-    from dq.commands.app import config_from_args
-
+    args = build_parser("app").parse_args(["app", "--port", "7999", "--dtype", "float32", "--calib-samples", "4"])
     config = config_from_args(args)
     assert args.port == 7999 and config.dtype == torch.float32 and config.calib.samples == 4

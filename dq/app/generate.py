@@ -7,7 +7,8 @@ variant's call and removed afterwards, so cached and uncached variants share one
 Timing: the first call of a freshly built pipeline is preceded by an untimed 1-step call of the same shape
 (allocator growth, kernel selection, autotuning). Latency per image is the wall time of the call; latency per
 step is the denoiser's total time divided by the steps (a mean, not a median, so steps a cache makes cheap
-count; pipelines that run CFG as two calls count both). Peak memory comes from ``dq.metrics.peak_memory``:
+count; pipelines that run CFG as two calls count both). Warm-up and timing are ``dq.metrics.perf``'s
+``warm_up`` and ``timed_call``; peak memory is ``dq.metrics.peak_memory``:
 the CUDA allocator's peak on GPU, the process peak RSS on CPU; both cover everything resident in the process,
 including the other loaded variants.
 """
@@ -19,15 +20,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from dq.app.defaults import is_video_pipeline, model_defaults
-from dq.app.models import BuiltVariant, PipelineCache
-from dq.app.variants import VariantSpec, parse_variants
+import dq
+from dq.app.models import BuiltVariant, PipelineCache, model_defaults
 from dq.errors import DQError
+from dq.evaluation.generation import is_video_pipeline, to_uint8
+from dq.evaluation.variants import FP, Variant, parse_variants
+from dq.metrics import LPIPS, PSNR
+from dq.metrics.perf import timed_call, warm_up
+from dq.nn.denoiser import find_denoiser
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +99,7 @@ class VariantResult:
         lpips: LPIPS vs FP, None for FP or when LPIPS is unavailable.
     """
 
-    spec: VariantSpec
+    spec: Variant
     pixels: np.ndarray
     seconds: float
     step_seconds: list[float]
@@ -134,10 +142,10 @@ class Comparison:
         raise DQError(f"no variant {name!r} in this comparison; it has {', '.join(r.spec.name for r in self.results)}.")
 
 
-def call_arguments(pipe: Any, request: GenerationRequest, video: bool) -> dict[str, Any]:
+def call_arguments(pipe: DiffusionPipeline, request: GenerationRequest) -> dict[str, Any]:
     """Keyword arguments of the pipeline call for this request (the generator is added per call)."""
     params = inspect.signature(pipe.__call__).parameters
-    kwargs: dict[str, Any] = {k: v for k, v in model_defaults(request.model.strip(), video).items() if k in params}
+    kwargs: dict[str, Any] = {k: v for k, v in model_defaults(request.model.strip()).items() if k in params}
     kwargs.update(prompt=request.prompt, num_inference_steps=int(request.steps), output_type="np")
     if request.negative_prompt.strip():
         if "negative_prompt" not in params:
@@ -158,7 +166,7 @@ def call_arguments(pipe: Any, request: GenerationRequest, video: bool) -> dict[s
     return kwargs
 
 
-def run_variant(built: BuiltVariant, spec: VariantSpec, kwargs: dict[str, Any], seed: int, video: bool,
+def run_variant(built: BuiltVariant, spec: Variant, kwargs: dict[str, Any], seed: int, video: bool,
                 device: torch.device, warmup: bool = True) -> VariantResult:
     """Generate with one variant: warm up a fresh pipeline, enable its cache, time the call, return pixels.
 
@@ -171,45 +179,29 @@ def run_variant(built: BuiltVariant, spec: VariantSpec, kwargs: dict[str, Any], 
         device: Where the pipeline runs (for synchronization and memory).
         warmup: Make an untimed 1-step call first when the pipeline has not run yet.
     """
-    from dq.metrics import StepTimer, peak_memory
-    from dq.pipelines.walker import find_denoiser
-
     pipe = built.pipe
     if warmup and not built.warm:
-        pipe(**{**kwargs, "num_inference_steps": 1}, generator=torch.Generator("cpu").manual_seed(seed))
+        warm_up(pipe, **kwargs, generator=torch.Generator("cpu").manual_seed(seed))
     built.warm = True
     if spec.cache is not None:
-        import dq
-
         dq.enable_cache(pipe, spec.cache)
     try:
-        with peak_memory(device) as peak, StepTimer(find_denoiser(pipe)) as timer:
-            _synchronize(device)
-            start = time.perf_counter()
-            output = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed))
-            _synchronize(device)
-            seconds = time.perf_counter() - start
+        call = timed_call(lambda: pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)),
+                          find_denoiser(pipe), device)
     finally:
         if spec.cache is not None:
-            import dq
-
             dq.disable_cache(pipe)
-    pixels = np.asarray(output.frames[0] if video else output.images[0])
+    output = call.output
     return VariantResult(
         spec=spec,
-        pixels=(np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8),
-        seconds=seconds,
-        step_seconds=timer.durations(),
-        peak_memory_bytes=peak.bytes,
-        memory_source=peak.source,
+        pixels=to_uint8(np.asarray(output.frames[0] if video else output.images[0])),
+        seconds=call.seconds,
+        step_seconds=call.step_seconds,
+        peak_memory_bytes=call.peak.bytes,
+        memory_source=call.peak.source,
         weight_bytes=built.weight_bytes,
         steps=int(kwargs["num_inference_steps"]),
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _as_batch(pixels: np.ndarray) -> torch.Tensor:
@@ -218,7 +210,7 @@ def _as_batch(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
 
 
-def score(results: list[VariantResult], lpips: Any = None) -> list[str]:
+def score(results: list[VariantResult], lpips: Optional[LPIPS] = None) -> list[str]:
     """Fill in PSNR and LPIPS of every non-FP result against ``results[0]``; returns notes for the UI.
 
     PSNR and LPIPS of a clip are the mean over its frames.
@@ -227,8 +219,6 @@ def score(results: list[VariantResult], lpips: Any = None) -> list[str]:
         results: FP first.
         lpips: A dq.metrics.LPIPS, or None to skip LPIPS.
     """
-    from dq.metrics import PSNR
-
     notes: list[str] = []
     reference = _as_batch(results[0].pixels)
     psnr = PSNR()
@@ -267,13 +257,13 @@ class Comparer:
         >>> [(r.spec.name, r.psnr) for r in result.results]
     """
 
-    def __init__(self, cache: PipelineCache, lpips: Optional[Callable[[], Any]] = None, warmup: bool = True) -> None:
+    def __init__(self, cache: PipelineCache, lpips: Optional[Callable[[], LPIPS]] = None, warmup: bool = True) -> None:
         self.cache = cache
         self._lpips_factory = lpips
-        self._lpips: Any = None
+        self._lpips: Optional[LPIPS] = None
         self.warmup = warmup
 
-    def lpips(self) -> Any:
+    def lpips(self) -> Optional[LPIPS]:
         """The LPIPS metric, built once."""
         if self._lpips is None and self._lpips_factory is not None:
             self._lpips = self._lpips_factory()
@@ -286,7 +276,8 @@ class Comparer:
             DQError: bad input, a model that cannot be loaded, a recipe or cache that does not apply.
         """
         request.validate()
-        specs = parse_variants(request.variants)  # fails fast, before any model is loaded
+        # FP first and duplicates dropped: the UI composes overlapping selections. Fails before any model loads.
+        specs = parse_variants(list(dict.fromkeys([FP, *(n.strip() for n in request.variants if n and n.strip())])))
         report = progress or (lambda fraction, desc: None)
         results: list[VariantResult] = []
         notes: list[str] = []
@@ -307,7 +298,7 @@ class Comparer:
             build_seconds = time.perf_counter() - start if fresh else 0.0
             if i == 0:
                 video = is_video_pipeline(built.pipe)
-            kwargs = call_arguments(built.pipe, request, video)
+            kwargs = call_arguments(built.pipe, request)
             report((i + 0.5) / len(specs), f"{spec.name}: generating")
             try:
                 result = run_variant(built, spec, kwargs, int(request.seed), video, device, self.warmup)

@@ -18,15 +18,24 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+import dq
+from dq import CalibConfig, reference
 from dq.errors import DQError
+from dq.nn.denoiser import find_denoiser
+from dq.pipelines.loading import check_model, load_pipeline
+from dq.recipes import load_recipe
+from dq.sizes import module_bytes
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[str, torch.device, torch.dtype], Any]
+Loader = Callable[[str, torch.device, torch.dtype], "DiffusionPipeline"]
 
 
 @dataclass
@@ -42,7 +51,7 @@ class BuiltVariant:
         warm: Whether the pipeline has run once (warm-up before the first timed call).
     """
 
-    pipe: Any
+    pipe: DiffusionPipeline
     recipe: Optional[str]
     weight_bytes: int
     build_seconds: float
@@ -50,16 +59,17 @@ class BuiltVariant:
     warm: bool = field(default=False)
 
 
-def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
-    from dq.pipelines.loading import load_pipeline
+def model_defaults(model: str) -> dict[str, Any]:
+    """Call arguments a reference pipeline needs (32x32, 9 frames for video); {} for other models."""
+    return reference.generation_kwargs(model) if model in reference.names() else {}
 
+
+def _load(model: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     return load_pipeline(model, device=device, dtype=dtype)
 
 
-def denoiser_attribute(pipe: Any) -> str:
+def denoiser_attribute(pipe: DiffusionPipeline) -> str:
     """The name of the pipeline component that is its denoiser (``unet`` or ``transformer``)."""
-    from dq.pipelines.walker import find_denoiser
-
     denoiser = find_denoiser(pipe)
     for name, component in pipe.components.items():
         if component is denoiser:
@@ -91,7 +101,7 @@ class PipelineCache:
         self,
         device: torch.device | str,
         dtype: torch.dtype,
-        calib: Any = None,
+        calib: Optional[CalibConfig] = None,
         max_models: int = 1,
         loader: Loader = _load,
     ) -> None:
@@ -138,16 +148,13 @@ class PipelineCache:
 
     def _variants_of(self, model: str) -> dict[Optional[str], BuiltVariant]:
         """The variants dict of ``model``, loading its FP pipeline (and evicting older models) when new."""
-        from dq.metrics import denoiser_weight_bytes
-        from dq.pipelines.walker import find_denoiser
-
         model = model.strip()
         if not model:
             raise DQError("no model given; type a reference name (ref-sd), a local diffusers directory or a hub id.")
         if model in self._models:
             self._models.move_to_end(model)
             return self._models[model]
-        _check_model_name(model)  # a typo must not unload the models that are working
+        check_model(model)  # a typo must not unload the models that are working
         while len(self._models) >= self.max_models:
             dropped, _ = self._models.popitem(last=False)
             logger.info("dq app: unloading %s to make room for %s", dropped, model)
@@ -156,74 +163,43 @@ class PipelineCache:
         pipe = self.loader(model, self.device, self.dtype)
         # Sampling progress bars are what gr.Progress(track_tqdm=True) shows while a variant generates.
         pipe.set_progress_bar_config(disable=False, leave=False)
-        built = BuiltVariant(pipe, None, denoiser_weight_bytes(find_denoiser(pipe)), time.perf_counter() - start)
+        built = BuiltVariant(pipe, None, module_bytes(find_denoiser(pipe)), time.perf_counter() - start)
         self._models[model] = {None: built}
         return self._models[model]
 
     def _quantize(self, model: str, base: BuiltVariant, recipe: str) -> BuiltVariant:
         """A copy of the FP pipeline sharing every component but the denoiser (and scheduler), quantized."""
-        import dq
-        from dq.metrics import denoiser_weight_bytes
-        from dq.pipelines.walker import find_denoiser
-
         start = time.perf_counter()
         pipe = _with_own_denoiser(base.pipe)
         logger.info("dq app: quantizing %s with %s", model, recipe)
         report = dq.quantize(pipe, recipe, calib=self._calib_for(model, pipe, recipe))
         return BuiltVariant(
-            pipe, recipe, denoiser_weight_bytes(find_denoiser(pipe)), time.perf_counter() - start, len(report.quantized)
+            pipe, recipe, module_bytes(find_denoiser(pipe)), time.perf_counter() - start, len(report.quantized)
         )
 
-    def _calib_for(self, model: str, pipe: Any, recipe: str) -> Any:
+    def _calib_for(self, model: str, pipe: DiffusionPipeline, recipe: str) -> Optional[CalibConfig]:
         """The calibration config: ``self.calib``, plus the call arguments a reference pipeline needs.
 
         Calibration runs the pipeline; a reference pipeline run at the stock defaults (PixArt's resolution
         binning, Wan's 480x832x81) fails or takes hours, so its 32x32 (9-frame) arguments are added, and without
         a configured ``calib`` it calibrates on the reference domain's train prompts.
         """
-        from dq.app.defaults import is_video_pipeline, model_defaults
-        from dq.recipes import load_recipe
-
-        video = is_video_pipeline(pipe)
-        defaults = model_defaults(model, video)
+        defaults = model_defaults(model)
         if not defaults or not load_recipe(recipe).needs_data:
             return self.calib
-        from dq import CalibConfig, reference
-
         calib = self.calib
         if calib is None:
             logger.warning(
                 "dq app: calibrating %s for %s on %s train prompts with dq.CalibConfig defaults (uniform timestep "
                 "sampling); start the app with --calib-* flags to choose.", recipe, model, model,
             )
-            calib = CalibConfig(prompts=list(reference.prompts("train", video=video)))
+            calib = CalibConfig(prompts=reference.prompts("train", video=reference.is_video(model)))
         if "clean_caption" in inspect.signature(pipe.__call__).parameters:
             defaults["clean_caption"] = False  # as in generation: needs bs4 + ftfy, else warns on every call
         return dataclasses.replace(calib, pipeline_kwargs={**defaults, **calib.pipeline_kwargs})
 
 
-def _check_model_name(model: str) -> None:
-    """Raise a DQError for a model that cannot be loaded whatever the hub says: a missing local path, a bad id."""
-    from pathlib import Path
-
-    from dq.app.defaults import reference_names
-
-    references = reference_names()
-    if model in references:
-        return
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise DQError(f"{model!r} is not a diffusers pipeline directory: it has no model_index.json.")
-        return
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise DQError(
-            f"model {model!r} is neither an existing local directory, a hub id (org/name), nor a reference "
-            f"pipeline ({', '.join(references) or 'none installed'})."
-        )
-
-
-def _with_own_denoiser(fp: Any) -> Any:
+def _with_own_denoiser(fp: DiffusionPipeline) -> DiffusionPipeline:
     """A shallow copy of ``fp`` with a deep copy of its denoiser and scheduler; other components are shared.
 
     Not ``DiffusionPipeline.from_pipe``: it ends with ``.to(dtype)`` (float32 by default), which would recast

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import gradio as gr
 import torch
 
-from dq.app.defaults import reference_names
-from dq.app.generate import Comparer, Comparison, GenerationRequest, results_table
+from dq import CalibConfig, reference
+from dq.app.generate import Comparer, Comparison, GenerationRequest, VariantResult, results_table
 from dq.app.media import MediaDir, display_image, middle_frame, side_by_side
 from dq.app.models import PipelineCache
-from dq.app.variants import FP, cache_choices, compose_variants, recipe_choices
+from dq.app.variants import cache_choices, compose_variants, recipe_choices
 from dq.errors import DQError
+from dq.evaluation.variants import FP
+from dq.metrics import LPIPS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = ("w8a8", "w4a8", "svdquant-w4a4")
-FALLBACK_PROMPT = "a red circle on a blue background"
 CSS = "#dq-table table { font-variant-numeric: tabular-nums; } footer { display: none !important; }"
 
 
@@ -48,7 +50,7 @@ class AppConfig:
     device: Optional[str] = None
     dtype: Optional[torch.dtype] = None
     steps: int = 20
-    calib: Any = None
+    calib: Optional[CalibConfig] = None
     max_models: int = 1
     lpips_weights: Optional[str] = None
     warmup: bool = True
@@ -65,30 +67,10 @@ class AppConfig:
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
 
 
-def default_prompts(n: int = 4) -> list[str]:
-    """Held-out prompts of the reference domain, or a generic prompt without dq.reference."""
-    try:
-        from dq import reference
-
-        prompts = getattr(reference, "prompts", None)
-        if callable(prompts):
-            return list(prompts("heldout", n))
-        from dq.reference.data import prompts as data_prompts
-
-        return list(data_prompts("heldout", n))
-    except (ImportError, AttributeError):
-        return [FALLBACK_PROMPT]
-
-
-def default_model(references: list[str]) -> str:
-    """The first reference pipeline whose weights are installed (else the first one; "" without any)."""
-    try:
-        from dq import reference
-
-        installed = [n for n in references if (reference.path(n) / "model_index.json").is_file()]
-    except (ImportError, AttributeError):
-        installed = []
-    return (installed or references or [""])[0]
+def default_model() -> str:
+    """The first reference pipeline whose weights are installed (else the first one)."""
+    installed = [n for n in reference.names() if (reference.path(n) / "model_index.json").is_file()]
+    return (installed or reference.names())[0]
 
 
 def _optional_int(value: Any) -> Optional[int]:
@@ -149,7 +131,7 @@ class GenerateHandler:
         return slider, clip, gallery, {"headers": headers, "data": rows}, self.status(comparison, target.spec.name)
 
     @staticmethod
-    def _target(comparison: Comparison, compare: Optional[str]) -> Any:
+    def _target(comparison: Comparison, compare: Optional[str]) -> VariantResult:
         """The variant the slider compares with FP: the one asked for, else the first non-FP one."""
         if compare:
             try:
@@ -175,10 +157,8 @@ class GenerateHandler:
 
     def __call__(self, model: str, prompt: str, negative_prompt: str, seed: Any, steps: Any, guidance: Any,
                  height: Any, width: Any, num_frames: Any, recipes: list[str], caches: list[str], extra: str,
-                 compare: Optional[str], progress: Any = None) -> tuple:
+                 compare: Optional[str], progress: Optional[gr.Progress] = None) -> tuple:
         """Run a request; raise gr.Error (with the DQError message) on any failure."""
-        import gradio as gr
-
         try:
             request = self.request(model, prompt, negative_prompt, seed, steps, guidance, height, width,
                                    num_frames, recipes, caches, extra)
@@ -200,7 +180,7 @@ class GenerateHandler:
         return result
 
 
-def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache] = None) -> Any:
+def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache] = None) -> gr.Blocks:
     """The Gradio Blocks app (not launched).
 
     Args:
@@ -211,25 +191,21 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
         >>> demo = build_demo(AppConfig(model="ref-sd"))
         >>> launch(demo)
     """
-    import gradio as gr
-
     config = config or AppConfig()
     cache = cache or PipelineCache(config.resolved_device(), config.resolved_dtype(), config.calib, config.max_models)
 
-    def make_lpips() -> Any:
-        from dq.metrics import LPIPS
-
+    def make_lpips() -> LPIPS:
         return LPIPS("alex", weights_path=config.lpips_weights)
 
     handler = GenerateHandler(Comparer(cache, make_lpips, config.warmup), MediaDir())
-    references = reference_names()
-    model_value = config.model or default_model(references)
+    references = reference.names()
+    model_value = config.model or default_model()
     recipes = recipe_choices()
     caches = cache_choices()
-    prompts = default_prompts(4)
+    prompts = reference.prompts("heldout", 4)
     ticked = [r for r in config.recipes if r in recipes]
 
-    def with_progress(fn: Any) -> Any:
+    def with_progress(fn: GenerateHandler) -> Callable[..., tuple]:
         """Generate with gr.Progress(track_tqdm=True): calibration, packing and sampling bars show in the UI."""
 
         def generate(model: str, prompt: str, negative_prompt: str, seed: float, steps: float,
@@ -243,7 +219,7 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
 
         return generate
 
-    def compare_choices(recipes: list[str], caches: list[str], extra: str, current: Optional[str]) -> Any:
+    def compare_choices(recipes: list[str], caches: list[str], extra: str, current: Optional[str]) -> gr.Dropdown:
         names = [n for n in compose_variants(recipes or [], caches or [], extra or "") if n != FP]
         value = current if current in names else (names[0] if names else None)
         return gr.Dropdown(choices=names, value=value)
@@ -307,13 +283,11 @@ def build_demo(config: Optional[AppConfig] = None, cache: Optional[PipelineCache
     return demo
 
 
-def launch(demo: Any, **kwargs: Any) -> Any:
+def launch(demo: gr.Blocks, **kwargs: Any) -> Any:
     """Launch the app with dq's theme and CSS (Gradio 6 takes them in launch()); returns launch()'s result.
 
     Args:
         demo: The Blocks from build_demo.
         kwargs: Passed to ``demo.launch`` (server_name, server_port, prevent_thread_lock, ...).
     """
-    import gradio as gr
-
     return demo.launch(theme=gr.themes.Soft(), css=CSS, **kwargs)
