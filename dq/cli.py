@@ -1,5 +1,8 @@
 """The `dq` command line: a thin shell over the public API. Each subcommand lives in its own module
-that exposes `add_arguments(parser)` and `run(args) -> int`; COMMANDS maps names to those modules."""
+that exposes `add_arguments(parser)` and `run(args) -> int`; COMMANDS maps names to those modules.
+
+Only the module of the command being run is imported (here, the one place dq imports lazily), so `dq --help`
+does not load the evaluation stack or Gradio."""
 
 from __future__ import annotations
 
@@ -20,19 +23,27 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="dq", description="Quantize diffusers pipelines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is one), or None."""
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return importlib.import_module(args._module).run(args) or 0

@@ -7,6 +7,12 @@ import logging
 import sys
 from typing import Optional
 
+import torch
+
+from dq import CalibConfig
+from dq.app import AppConfig, build_demo, launch
+from dq.errors import DQError
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -26,22 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="time the first call of a new pipeline without a warm-up call")
 
 
-def _calib(args: argparse.Namespace):
+def _calib(args: argparse.Namespace) -> Optional[CalibConfig]:
     """A CalibConfig when any --calib-* flag is given, else None (each recipe's default set)."""
     if args.calib_prompts is None and args.calib_samples is None and args.calib_steps is None:
         return None
-    from dq import CalibConfig
-
     fields = {"prompts": args.calib_prompts, "samples": args.calib_samples, "steps": args.calib_steps}
     return CalibConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> AppConfig:
     """The AppConfig the flags describe."""
-    import torch
-
-    from dq.app import AppConfig
-
     return AppConfig(
         model=args.model, device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
         steps=args.steps, calib=_calib(args), max_models=args.max_models, lpips_weights=args.lpips_weights,
@@ -50,8 +50,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dq.app import build_demo, launch
-
     demo = build_demo(config_from_args(args))
     launch(demo, server_name=args.host, server_port=args.port)
     return 0
@@ -59,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python app.py``: the same flags as ``dq app``."""
-    from dq.errors import DQError
-
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)

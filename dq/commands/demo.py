@@ -7,7 +7,9 @@ import argparse
 import time
 from pathlib import Path
 
+import dq.recipes
 from dq.commands.eval import add_scoring_arguments, print_summary, scoring_config
+from dq.evaluation import EvalConfig, evaluate
 
 # One demo variant per precision: the first registered recipe of each list wins. Best-quality methods first
 # (dynamic per-token INT8 beats static per-tensor at W8A8; SVDQuant's low-rank branch leads at 4 bits).
@@ -25,9 +27,7 @@ def demo_variants() -> list[str]:
         >>> demo_variants()
         ['fp', 'w8a8', 'svdquant-w4a8', 'svdquant-w4a4']
     """
-    from dq.recipes import bundled_recipe_names
-
-    registered = set(bundled_recipe_names())
+    registered = set(dq.recipes.bundled_recipe_names())  # looked up at call time: tests patch the registry
     chosen = ["fp"]
     for candidates in PREFERENCES.values():
         found = next((name for name in candidates if name in registered), None)
@@ -50,8 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dq.eval import EvalConfig, evaluate
-
     start = time.perf_counter()
     variants = args.variants or ",".join(demo_variants())
     print(f"dq demo: {args.model}, variants {variants}; {args.n} prompts x {args.steps} steps -> {args.out}")

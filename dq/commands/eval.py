@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
+
+from dq.evaluation import EvalConfig, ScoringConfig, evaluate, results_table
+from dq.evaluation.runner import process_state
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +44,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-antialias", dest="antialias", action="store_false", help="resize without antialiasing for FID/CLIP (legacy-FID compatible)")
 
 
-def scoring_config(args: argparse.Namespace):
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     """ScoringConfig from parsed flags."""
-    from dq.eval import ScoringConfig
-
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     return ScoringConfig(
         metrics=metrics, fid_backbone=args.fid_backbone, fid_weights=args.fid_weights, clip_model=args.clip_model,
@@ -51,11 +53,8 @@ def scoring_config(args: argparse.Namespace):
     )
 
 
-def print_summary(results: dict, out: Path, seconds: float) -> None:
+def print_summary(results: dict[str, Any], out: Path, seconds: float) -> None:
     """Print the report table and where the artifacts are (main process only)."""
-    from dq.eval import results_table
-    from dq.evaluation.runner import process_state
-
     if not process_state().is_main_process:
         return
     print(results_table(results))
@@ -65,8 +64,6 @@ def print_summary(results: dict, out: Path, seconds: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dq.eval import EvalConfig, evaluate
-
     start = time.perf_counter()
     cfg = EvalConfig(
         model=args.model, out=args.out, variants=args.variants, prompts=args.prompts, n=args.n, seed=args.seed,

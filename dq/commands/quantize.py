@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import dq
 from dq.io import atomic_directory, check_writable
 from dq.pipelines.loading import load_pipeline
+from dq.recipes import load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dq
-
     check_writable(args.out, args.overwrite)
-    recipe = dq.recipes.load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     pipe = load_pipeline(args.model)
     report = dq.quantize(pipe, recipe)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
