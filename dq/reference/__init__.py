@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dq.errors import DQError
+
 from . import data
 from .clip import CONFIG_NAME, clip_checkpoint, domain_clip, register_config
 
@@ -53,8 +55,6 @@ def names() -> list[str]:
 
 def _check(name: str) -> None:
     if name not in _PIPELINES:
-        from dq.errors import DQError
-
         raise DQError(f"unknown reference pipeline {name!r}; available: {', '.join(names())}")
 
 
@@ -91,8 +91,6 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
     directory = path(name)
     if not (directory / "model_index.json").exists():
-        from dq.errors import DQError
-
         raise DQError(f"weights for {name!r} not found in {directory}; rebuild with `python -m dq.reference.train_*`")
     pipeline_cls = getattr(diffusers, _PIPELINES[name])
     pipe = pipeline_cls.from_pretrained(directory, dtype=dtype)

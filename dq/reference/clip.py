@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from dq.errors import DQError
+
 from .tokenization import CLIP_CONTEXT_LENGTH, write_open_clip_bpe
 
 CONFIG_NAME = "dq-shapes-clip"
@@ -50,8 +52,6 @@ def domain_clip(device: str | torch.device = "cpu", directory: Path = CLIP_DIR):
 
     checkpoint = clip_checkpoint(directory)
     if not checkpoint.exists():
-        from dq.errors import DQError
-
         raise DQError(f"domain CLIP weights not found at {checkpoint}; run `python -m dq.reference.train_clip`")
     model, _, preprocess = open_clip.create_model_and_transforms(register_config(), pretrained=str(checkpoint))
     return model.to(device).eval(), preprocess, clip_tokenizer(directory)

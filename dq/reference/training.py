@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dq.io import atomic_directory
 
 from .data import ShapesDataset, ShapesVideoDataset, to_tensor
 
@@ -136,20 +135,14 @@ def fit(
 
 
 def atomic_save(out: Path, write: Callable[[Path], None], info: dict) -> None:
-    """Build into a temp dir beside ``out``, add ``training.json`` with ``info``, then rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
+    """Build into a temp dir beside ``out``, add ``training.json`` with ``info``, then rename.
+
+    An existing ``out`` is replaced: ``setup`` already refused it unless ``--overwrite`` was given.
+    """
+    with atomic_directory(out, overwrite=True) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the bundled weights are read by everyone
         write(tmp)
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved {out}")
 
 
