@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dq.calib import CALIBRATORS
+from dq.calib import plan_quantization
 from dq.kernels.reference import release_scratch, scratch_bytes
 from dq.metrics.perf import peak_memory
 from dq.sizes import module_bytes
 from dq.nn import deploy_all, swap_layers
-from dq.pipelines.walker import select_layers
 from dq.recipes import load_recipe
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # the rest is UNet2DConditionModel's default (SD1.x)
@@ -77,13 +76,10 @@ def deployed_copy(fp: nn.Module, recipe_name: str) -> tuple[nn.Module, int]:
     recipe = load_recipe(recipe_name)
     shared = {id(t): t for t in (*fp.parameters(), *fp.buffers())}
     model = copy.deepcopy(fp, memo=shared)
-    selection = select_layers(model, recipe.weight, recipe.act, recipe.layers, recipe.skip, recipe.only)
-    planner = getattr(CALIBRATORS.get(recipe.method), "plan_layers", None)
-    if planner is not None:
-        planner(model, selection, recipe)
-    swap_layers(model, selection.plans)
+    plans = plan_quantization(model, recipe).selection.plans
+    swap_layers(model, plans)
     deploy_all(model)
-    return model, len(selection.plans)
+    return model, len(plans)
 
 
 def timed_step(model: nn.Module, inputs: dict) -> tuple[float, int]:

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import dq  # noqa: E402
-from dq.calib.collect import CalibConfig  # noqa: E402
-from dq.calib.svdquant import SVDQuantOptions, calibrate_unit  # noqa: E402
+from dq import CalibConfig  # noqa: E402
+from dq.calib.svdquant import SVDQuantConfig, Smoothing, calibrate_unit  # noqa: E402
+from dq.quant.lowrank import SVDMethod  # noqa: E402
 from dq.nn import SVDQLinear  # noqa: E402
 from dq.quant import PerGroup, PerToken, QuantSpec  # noqa: E402
 from dq.recipes import load_recipe  # noqa: E402
@@ -57,7 +58,7 @@ def time_layer(out_f: int, in_f: int, svd: str, smooth: str, tokens: int, rank: 
     lin, x = synthetic_layer(out_f, in_f, tokens)
     w4, a4 = QuantSpec("int4", PerGroup(64)), QuantSpec("int4", PerToken(64))
     layer = SVDQLinear.wrap(lin, w4, a4, rank=rank)
-    options = SVDQuantOptions(rank=rank, svd=svd, smooth=smooth, num_grids=num_grids, alpha=0.5 if smooth == "fixed" else None)
+    options = SVDQuantConfig(rank=rank, svd=SVDMethod(svd), smooth=Smoothing(smooth), num_grids=num_grids, alpha=0.5 if smooth == "fixed" else None)
     t0 = time.perf_counter()
     res = calibrate_unit([layer], x, x.abs().amax(0), options)
     seconds = time.perf_counter() - t0

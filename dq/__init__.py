@@ -1,9 +1,8 @@
 """dq: quantization for diffusers pipelines. `import dq` registers dq as a diffusers quantization backend."""
 
 from dq.cache import disable_cache, enable_cache
-from dq.calib.collect import CalibConfig
 from dq.errors import DQError
-from dq.pipelines import DQConfig, QuantReport, quantize, register_backend
+from dq.pipelines import CalibConfig, DQConfig, QuantReport, quantize, register_backend
 from dq.recipes import Recipe
 
 register_backend()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import dq
 from dq import reference
-from dq.calib.collect import CalibConfig
+from dq import CalibConfig
 from dq.reference import data
 
 NEW_WORD, MEANING = "zaffre", "blue"

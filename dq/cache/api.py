@@ -11,7 +11,7 @@ from torch import nn
 
 from dq.cache.config import CACHE_METHODS, CacheConfig, method_for
 from dq.cache.handle import HANDLE_ATTR, CacheHandle, Recorder, handle_of, install
-from dq.cache.state import REPLAY_KWARG, CacheStats, replay_state
+from dq.cache.state import CacheStats, replay_state
 from dq.errors import DQError
 from dq.nn.denoiser import find_denoiser
 
@@ -127,16 +127,32 @@ class CalibrationReplay:
     """Lets calibration see what the model sees on cached steps (cache-aware calibration).
 
     While the FP pipeline runs for calibration data, `capture()` after each denoiser call returns that
-    call's cache state (step, refresh or cached, the reused tensors); a sample stores it in its kwargs
-    under `kwarg`, and replaying the sample through the denoiser pins that state, so the layers that
-    read the cached feature see it, and the skipped layers are not run, exactly as at inference.
+    call's cache state (step, refresh or cached, the reused tensors); the sample stores it, and replaying
+    the sample inside `pinned(state)` runs the denoiser in that state, so the layers that read the cached
+    feature see it, and the skipped layers are not run, exactly as at inference.
     """
 
     handle: CacheHandle
-    kwarg: str = REPLAY_KWARG
+    denoiser: nn.Module
 
     def capture(self) -> dict[str, Any]:
         return replay_state(self.handle.state())
+
+    @contextlib.contextmanager
+    def pinned(self, state: dict[str, Any]) -> Iterator[None]:
+        """Denoiser calls within the block replay the recorded cache `state` (in the cache enabled now)."""
+        handle = handle_of(self.denoiser)
+        if handle is None:
+            raise DQError(
+                "the calibration data was recorded with a step cache that is no longer enabled; enable it again "
+                f"(dq.enable_cache(pipe, {self.handle.config.method!r})) before calibrating on it."
+            )
+        hook = handle.step_hook
+        hook.pinned = state
+        try:
+            yield
+        finally:
+            hook.pinned = None
 
 
 def calibration_replay(pipe: Any) -> CalibrationReplay | None:
@@ -153,7 +169,7 @@ def calibration_replay(pipe: Any) -> CalibrationReplay | None:
             f"the {handle.config.method} cache decides at run time which steps to skip, so calibration cannot "
             "replay its steps; call dq.disable_cache(pipe) before dq.quantize and enable it afterwards."
         )
-    return CalibrationReplay(handle)
+    return CalibrationReplay(handle, find_denoiser(pipe))
 
 
 def record_trajectory(pipe: Any, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:

@@ -10,8 +10,8 @@ state by context name ("cond"/"uncond"); UNet and PixArt pipelines set none and 
 `maybe_free_model_hooks` also resets the state at the end of calls of models that are CacheMixins.
 
 Block hooks act only inside a denoiser call (`CacheState.active`); a block called on its own (as block
-reconstruction does) runs uncached. Calibration replays a recorded step by passing the step's cache state
-in the denoiser kwargs under REPLAY_KWARG (see `replay_state`); the hook pins the state for that one call.
+reconstruction does) runs uncached. Calibration replays a recorded step by handing the step's cache state
+(see `replay_state`) to `StepHook.pin` before the denoiser call; the hook applies it to that one call.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from torch import nn
 from dq.errors import DQError
 
 DEFAULT_CONTEXT = "default"
-REPLAY_KWARG = "_dq_cache_replay"
 
 
 def replay_state(state: "CacheState") -> dict[str, Any]:
@@ -124,6 +123,7 @@ class StepHook(ModelHook):
         self.num_steps_fn = num_steps_fn
         self.stats = stats
         self.force_refresh = False
+        self.pinned: dict[str, Any] | None = None  # the recorded state the next call replays
         self._get = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
@@ -132,9 +132,8 @@ class StepHook(ModelHook):
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         state = self.manager.get_state()
-        if REPLAY_KWARG in kwargs:
-            kwargs = dict(kwargs)
-            self._pin(state, kwargs.pop(REPLAY_KWARG))
+        if self.pinned is not None:
+            self._replay(state, self.pinned)
             return args, kwargs
         sample = self._get(args, kwargs, "__first__")
         shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
@@ -172,7 +171,7 @@ class StepHook(ModelHook):
             self.stats.cached_steps += 1
         return args, kwargs
 
-    def _pin(self, state: CacheState, replay: dict[str, Any]) -> None:
+    def _replay(self, state: CacheState, replay: dict[str, Any]) -> None:
         """Set the state a recorded call ran with (see replay_state); counters are left alone."""
         state.reset()
         state.step, state.refresh, state.outputs = replay["step"], replay["refresh"], dict(replay["outputs"])

@@ -1,11 +1,24 @@
-"""Calibration: collect data, observe ranges, reconstruct. Each method registers in CALIBRATORS."""
+"""Calibration: the core's entry point, the calibration data it takes, and one file per method."""
 
-from dq.calib.registry import CALIBRATORS, CalibContext
-from dq.calib.collect import CalibConfig, CalibData
-from dq.calib import ptq4dm as _ptq4dm  # noqa: F401  registers "ptq4dm"
-from dq.calib import qdiffusion as _qdiffusion  # noqa: F401  registers "qdiffusion"
-from dq.calib import tfmq as _tfmq  # noqa: F401  registers "tfmq"
-from dq.calib import timestep as _timestep  # noqa: F401  registers "timestep"
-from dq.calib import svdquant as _svdquant  # noqa: F401  registers "svdquant" and "smoothquant"
+from dq.calib import ptq4dm, qdiffusion, rtn, svdquant, tfmq, timestep  # noqa: F401  each registers its method
+from dq.calib.base import METHODS, Calibrator, CalibratorConfig, Sampling, calibrator_for, load_config, register_calibrator
+from dq.calib.data import CalibBatch, CalibData, CalibSample
+from dq.calib.quantize import QuantPlan, QuantReport, has_quant_layers, plan_quantization, quantize_model
 
-__all__ = ["CALIBRATORS", "CalibConfig", "CalibContext", "CalibData"]
+__all__ = [
+    "METHODS",
+    "CalibBatch",
+    "CalibData",
+    "CalibSample",
+    "Calibrator",
+    "CalibratorConfig",
+    "QuantPlan",
+    "QuantReport",
+    "Sampling",
+    "calibrator_for",
+    "has_quant_layers",
+    "load_config",
+    "plan_quantization",
+    "quantize_model",
+    "register_calibrator",
+]

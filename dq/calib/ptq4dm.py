@@ -10,39 +10,51 @@ is one FP sampling run per calibration prompt plus one replay of the samples.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from dq.calib.collect import calibration_data
-from dq.calib.observers import OBSERVERS
+from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
+from dq.calib.data import CalibData
 from dq.calib.qdiffusion import init_weight_scales
-from dq.calib.registry import CALIBRATORS, CalibContext
-from dq.calib.timestep import calibrate_activations
+from dq.calib.timestep import calibrate_activations, check_observer
 from dq.errors import DQError
+from dq.nn.base import QuantLayerMixin
 
-OPTIONS = {"weight_observer": "mse", "act_observer": "mse", "timestep_groups": 1, "batch_size": 8}
-
-
-def method_options(recipe: Any, defaults: dict) -> dict:
-    """recipe.options over `defaults`; unknown keys and unknown observer names are DQErrors."""
-    opts = dict(recipe.options or {})
-    unknown = sorted(set(opts) - set(defaults))
-    if unknown:
-        raise DQError(f"recipe {recipe.name!r}: unknown option(s) {unknown} for method {recipe.method!r}; allowed: {sorted(defaults)}.")
-    merged = {**defaults, **opts}
-    for key in ("weight_observer", "act_observer"):
-        if key in merged:
-            OBSERVERS.get(merged[key])
-    if int(merged.get("timestep_groups", 1)) < 1:
-        raise DQError(f"recipe {recipe.name!r}: timestep_groups must be >= 1.")
-    return merged
+if TYPE_CHECKING:
+    from dq.recipes import Recipe
 
 
-@CALIBRATORS.register("ptq4dm")
-def calibrate_ptq4dm(denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Any, context: CalibContext) -> None:
+@dataclass(frozen=True)
+class PTQ4DMConfig(CalibratorConfig):
+    """PTQ4DM settings.
+
+    Args:
+        weight_observer, act_observer: range observers (dq.calib.observers.OBSERVERS); "mse" as released.
+        timestep_groups: static activation scale sets over timestep intervals (1 = PTQ4DM's single set).
+        batch_size: calibration samples per replayed denoiser call.
+    """
+
+    method: ClassVar[str] = "ptq4dm"
+    sampling: ClassVar[Sampling | None] = Sampling.NDTC
+    weight_observer: str = "mse"
+    act_observer: str = "mse"
+    timestep_groups: int = 1
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        check_observer(self.weight_observer)
+        check_observer(self.act_observer)
+        if self.timestep_groups < 1 or self.batch_size < 1:
+            raise DQError("timestep_groups and batch_size must be >= 1.")
+
+
+@register_calibrator(PTQ4DMConfig)
+class PTQ4DMCalibrator(Calibrator[PTQ4DMConfig]):
     """PTQ4DM (Shang et al., CVPR 2023): NDTC data, MSE-searched weight and activation scales."""
-    opts = method_options(recipe, OPTIONS)
-    data = calibration_data(context, recipe, sampling="ndtc")
-    init_weight_scales(layers, opts["weight_observer"])
-    calibrate_activations(denoiser, layers, data, opts["act_observer"], int(opts["timestep_groups"]), int(opts["batch_size"]))
+
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        c = self.config
+        init_weight_scales(layers, c.weight_observer)
+        calibrate_activations(denoiser, layers, data, c.act_observer, c.timestep_groups, c.batch_size)

@@ -26,44 +26,65 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.adaround import RECON_LAYER_KINDS, TempDecay, attach_adaround, harden, lp_loss, rounding_loss, weight_quantizers_of
-from dq.calib.capture import capture_io, forward_order, outputs_of
-from dq.calib.collect import CalibData, calibration_data
+from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
+from dq.calib.capture import Captured, capture_io, forward_order, outputs_of
+from dq.calib.data import CalibData
 from dq.calib.observers import set_weight_scales
-from dq.calib.registry import CALIBRATORS, CalibContext
 from dq.calib.state import quant_state
-from dq.calib.timestep import calibrate_activations, select_timestep, static_act_quantizers
+from dq.calib.timestep import calibrate_activations, check_observer, select_timestep, static_act_quantizers
 from dq.errors import DQError
+from dq.nn.base import QuantLayerMixin
 from dq.nn.split_conv import split_conv
 from dq.nn.swap import _set_module
 
+if TYPE_CHECKING:
+    from dq.recipes import Recipe
+
 logger = logging.getLogger(__name__)
 
-# Module classes reconstructed as one unit (diffusers class names; data, not code paths).
-BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")
+# Module classes reconstructed as one unit (BRECQ blocks of the diffusers UNets and DiTs).
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
 
 
-@dataclass
-class ReconOptions:
-    """Reconstruction settings shared by Q-Diffusion and TFMQ-DM (recipe `options`)."""
+@dataclass(frozen=True)
+class ReconConfig(CalibratorConfig):
+    """Reconstruction settings shared by Q-Diffusion and TFMQ-DM (recipe `options`).
 
-    iters: int = 200  # AdaRound iterations per unit (paper: 20000)
-    act_iters: int = 50  # LSQ iterations per unit (paper: 5000); 0 = observer scales only
-    lr: float = 1e-2  # AdaRound alpha lr; BRECQ uses 1e-3 over 20k iterations, too slow to move alpha in 200
-    act_lr: float = 4e-4  # LSQ step-size learning rate
-    reg: float = 0.01  # rounding regulariser weight
+    Args:
+        iters: AdaRound iterations per unit (paper: 20000).
+        act_iters: LSQ iterations per unit (paper: 5000); 0 = observer scales only.
+        lr: AdaRound alpha learning rate; BRECQ uses 1e-3 over 20k iterations, too slow to move alpha in 200.
+        act_lr: LSQ step-size learning rate.
+        reg, b_start, b_end, warmup: the rounding regulariser's weight and temperature decay.
+        batch_size: calibration samples per reconstruction batch (x2 rows with CFG).
+        recon_samples: calibration samples used for reconstruction (bounds memory).
+        weight_observer, act_observer: initial range observers (Lp 2.4 in Q-Diffusion).
+        timestep_groups: static activation scale sets over timestep intervals.
+        split_shortcut, split_conv1: separate quantizers for the two halves of the decoder's cat([h, skip]).
+        seed: seed of the batch order.
+    """
+
+    sampling: ClassVar[Sampling | None] = Sampling.UNIFORM
+    iters: int = 200
+    act_iters: int = 50
+    lr: float = 1e-2
+    act_lr: float = 4e-4
+    reg: float = 0.01
     b_start: float = 20.0
     b_end: float = 2.0
     warmup: float = 0.2
-    batch_size: int = 4  # calibration samples per reconstruction batch (x2 rows with CFG)
-    recon_samples: int = 64  # calibration samples used for reconstruction (bounds memory)
+    batch_size: int = 4
+    recon_samples: int = 64
     weight_observer: str = "lp"
     act_observer: str = "lp"
     timestep_groups: int = 1
@@ -71,21 +92,18 @@ class ReconOptions:
     split_conv1: bool = False
     seed: int = 0
 
-    @classmethod
-    def from_recipe(cls, recipe: Any, extra: tuple[str, ...] = ()) -> tuple["ReconOptions", dict]:
-        """Options of this class from recipe.options, plus the method's `extra` keys; unknown keys -> DQError."""
-        names = {f.name for f in fields(cls)}
-        opts = dict(recipe.options or {})
-        unknown = sorted(set(opts) - names - set(extra))
-        if unknown:
-            raise DQError(
-                f"recipe {recipe.name!r}: unknown option(s) {unknown} for method {recipe.method!r}; "
-                f"allowed: {sorted(names | set(extra))}."
-            )
-        own = cls(**{k: v for k, v in opts.items() if k in names})
-        if own.iters < 0 or own.act_iters < 0 or own.batch_size < 1 or own.recon_samples < 1 or own.timestep_groups < 1:
-            raise DQError(f"recipe {recipe.name!r}: iters/act_iters must be >= 0, batch_size/recon_samples/timestep_groups >= 1.")
-        return own, {k: v for k, v in opts.items() if k in extra}
+    def validate(self) -> None:
+        check_observer(self.weight_observer)
+        check_observer(self.act_observer)
+        if self.iters < 0 or self.act_iters < 0 or self.batch_size < 1 or self.recon_samples < 1 or self.timestep_groups < 1:
+            raise DQError("iters/act_iters must be >= 0, batch_size/recon_samples/timestep_groups >= 1.")
+
+
+@dataclass(frozen=True)
+class QDiffusionConfig(ReconConfig):
+    """Q-Diffusion: uniform timestep calibration, split shortcuts, BRECQ + AdaRound, Lp + LSQ activations."""
+
+    method: ClassVar[str] = "qdiffusion"
 
 
 # -- split shortcut -----------------------------------------------------------------------------------
@@ -132,12 +150,12 @@ def apply_split_shortcuts(denoiser: nn.Module, layers: dict[str, nn.Module], con
 
 
 # -- reconstruction -------------------------------------------------------------------------------------
-def recon_units(denoiser: nn.Module, layers: dict[str, nn.Module], block_types: tuple[str, ...] = BLOCK_TYPES) -> dict[str, tuple[nn.Module, list[str]]]:
+def recon_units(denoiser: nn.Module, layers: dict[str, nn.Module], block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> dict[str, tuple[nn.Module, list[str]]]:
     """unit name -> (module, quantized layer names inside): blocks, then leftover layers alone."""
     units: dict[str, tuple[nn.Module, list[str]]] = {}
     covered: set[str] = set()
     for name, module in denoiser.named_modules():
-        if type(module).__name__ in block_types and not any(name.startswith(u + ".") for u in units):
+        if isinstance(module, block_types) and not any(name.startswith(u + ".") for u in units):
             members = [n for n in layers if n.startswith(name + ".")]
             if members:
                 units[name] = (module, members)
@@ -158,7 +176,7 @@ def _check_layers(layers: dict[str, nn.Module], names: list[str]) -> None:
             )
 
 
-def _unit_loss(module: nn.Module, batch, device: torch.device, grouped: bool) -> torch.Tensor:
+def _unit_loss(module: nn.Module, batch: Captured, device: torch.device, grouped: bool) -> torch.Tensor:
     args, kwargs = batch.inputs(device)
     if grouped:
         select_timestep(module, batch.timesteps)
@@ -167,7 +185,7 @@ def _unit_loss(module: nn.Module, batch, device: torch.device, grouped: bool) ->
 
 
 def reconstruct_weights(
-    denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconOptions, exclude: set[str] = frozenset()
+    denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig, exclude: set[str] = frozenset()
 ) -> dict[str, float]:
     """AdaRound every reconstruction unit in forward order; returns unit -> (final loss / nearest loss)."""
     units = recon_units(denoiser, layers)
@@ -191,7 +209,7 @@ def reconstruct_weights(
     return ratios
 
 
-def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: list, opts: ReconOptions, rng: random.Random, device: torch.device, grouped: bool) -> float:
+def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: list[Captured], opts: ReconConfig, rng: random.Random, device: torch.device, grouped: bool) -> float:
     """AdaRound one unit's layers; returns the learned / nearest-rounding reconstruction loss ratio."""
     with quant_state(module, weights=True, acts=False), torch.no_grad():
         nearest = sum(float(_unit_loss(module, b, device, grouped)) for b in batches)
@@ -211,7 +229,7 @@ def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: li
     return learned / max(nearest, 1e-30)
 
 
-def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconOptions) -> None:
+def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig) -> None:
     """LSQ: learn each unit's static activation step sizes against the FP output (acts quantized)."""
     if opts.act_iters == 0:
         return
@@ -270,20 +288,21 @@ def init_weight_scales(layers: dict[str, nn.Module], observer: str) -> None:
             set_weight_scales(wq, w2d.detach(), observer)
 
 
-@CALIBRATORS.register("qdiffusion")
-def calibrate_qdiffusion(denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Any, context: CalibContext) -> None:
+@register_calibrator(QDiffusionConfig)
+class QDiffusionCalibrator(Calibrator[QDiffusionConfig]):
     """Q-Diffusion (Li et al., ICCV 2023): split shortcut + BRECQ/AdaRound + Lp/LSQ activation scales."""
-    opts, _ = ReconOptions.from_recipe(recipe)
-    _check_layers(layers, list(layers))
-    data = calibration_data(context, recipe, sampling="uniform")
-    if opts.split_shortcut:
-        split = apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
-        logger.info("dq: split-shortcut quantizers on %d decoder convs", len(split))
-    init_weight_scales(layers, opts.weight_observer)
-    with frozen_parameters(denoiser):
-        ratios = reconstruct_weights(denoiser, layers, data, opts)
-        if ratios:
-            logger.info("dq: AdaRound block loss / nearest-rounding loss: median %.3f over %d units",
-                        sorted(ratios.values())[len(ratios) // 2], len(ratios))
-        calibrate_activations(denoiser, layers, data, opts.act_observer, opts.timestep_groups, opts.batch_size)
-        learn_act_scales(denoiser, layers, data, opts)
+
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        opts = self.config
+        _check_layers(layers, list(layers))
+        if opts.split_shortcut:
+            split = apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
+            logger.info("dq: split-shortcut quantizers on %d decoder convs", len(split))
+        init_weight_scales(layers, opts.weight_observer)
+        with frozen_parameters(denoiser):
+            ratios = reconstruct_weights(denoiser, layers, data, opts)
+            if ratios:
+                logger.info("dq: AdaRound block loss / nearest-rounding loss: median %.3f over %d units",
+                            sorted(ratios.values())[len(ratios) // 2], len(ratios))
+            calibrate_activations(denoiser, layers, data, opts.act_observer, opts.timestep_groups, opts.batch_size)
+            learn_act_scales(denoiser, layers, data, opts)

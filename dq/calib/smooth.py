@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.calib.data import CalibData
 from dq.calib.state import quant_state
 from dq.errors import DQError
 from dq.quant import QuantSpec
@@ -147,9 +148,10 @@ class LayerInputs:
 def capture_layer_inputs(
     denoiser: nn.Module,
     quant_layers: dict[str, nn.Module],
-    samples: Iterable[tuple[tuple, dict]],
+    data: CalibData,
     names: list[str],
     max_tokens: int = 2048,
+    batch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, LayerInputs]:
     """Replay denoiser calls with every quantizer bypassed and record the inputs of the layers `names`.
@@ -157,12 +159,12 @@ def capture_layer_inputs(
     Args:
         denoiser: the model whose layers were swapped (simulate mode).
         quant_layers: every swapped layer (all run unquantized, so the statistics are the FP model's).
-        samples: (args, kwargs) of denoiser calls, e.g. the inputs of each denoising step.
+        data: the calibration samples, replayed `batch_size` per denoiser call.
         names: layers whose inputs are recorded.
         max_tokens: tokens kept per layer (a uniform random subsample); channel maxima use every token.
     """
-    samples = list(samples)
-    per_call = max(32, -(-max_tokens // max(1, len(samples))))
+    batches = list(data.batches(batch_size))
+    per_call = max(32, -(-max_tokens // max(1, len(batches))))
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     stats: dict[str, list] = {n: [None, None, 0, []] for n in names}  # absmax, min, count, source keys
@@ -186,8 +188,8 @@ def capture_layer_inputs(
     try:
         # Every swapped layer runs on its float weight and input, so the statistics are the FP model's.
         with quant_state(denoiser, weights=False, acts=False):
-            for args, kwargs in tqdm(samples, desc="dq: capturing layer inputs", leave=False):
-                denoiser(*args, **kwargs)
+            for batch in tqdm(batches, desc="dq: capturing layer inputs", leave=False):
+                data.replay(denoiser, batch)
                 call[0] += 1
     finally:
         for h in handles:

@@ -21,22 +21,27 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from fnmatch import fnmatch
-from typing import Any, Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.calib.collect import CalibData, calibration_data, to_device
+from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
+from dq.calib.data import CalibData
 from dq.calib.gptq import gptq_quantize
-from dq.calib.lowrank import LowRank, low_rank, refine_low_rank, shared_low_rank
-from dq.calib.registry import CALIBRATORS, CalibContext
+from dq.quant.lowrank import LowRank, SVDMethod, low_rank, refine_low_rank, shared_low_rank
 from dq.calib.smooth import LayerInputs, alpha_beta_grid, capture_layer_inputs, first_guess_alpha, search_smoothing
 from dq.errors import DQError
 from dq.nn import LayerPlan, SVDQLinear
 from dq.nn.base import QuantLayerMixin
+from dq.nn.select import LayerSelection
 from dq.quant import PerToken, QuantSpec, fake_quantize
+
+if TYPE_CHECKING:
+    from dq.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +52,37 @@ ADALN_PATTERNS = ("adaln_single.linear", "*blocks.*.norm1.linear", "*blocks.*.no
 GELU_SHIFT = 0.171875
 
 
+class Smoothing(str, Enum):
+    """How the smoothing strength alpha (and beta = 1 - alpha) is chosen."""
+
+    SEARCH = "search"
+    """Grid search over alpha = k / num_grids, scored by the layer's output error (deepcompressor)."""
+    FIXED = "fixed"
+    """Use `alpha` (default: the closed-form first guess b_w / (b_w + b_x))."""
+    NONE = "none"
+    """No smoothing."""
+
+
+class BranchDType(str, Enum):
+    """The dtype of the low-rank branch."""
+
+    AUTO = "auto"
+    """bfloat16 for bfloat16 models, else float16."""
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
 @dataclass(frozen=True)
-class SVDQuantOptions:
-    """The recipe options of the svdquant / smoothquant methods (unknown keys are errors).
+class SVDQuantConfig(CalibratorConfig):
+    """SVDQuant: smoothing, a 16-bit low-rank branch, and the 4-bit residual (recipe `options`).
 
     Args:
         rank: low-rank branch rank r (0: smoothing only).
-        svd: "randomized" (torch.svd_lowrank, default) or "exact" (float64 torch.linalg.svd).
+        svd: the SVD of the smoothed weight (randomized torch.svd_lowrank, or exact float64).
         svd_niter: power iterations of the randomized SVD.
         lowrank_iters: re-fits of the branch against the quantized residual (0: plain SVD).
-        smooth: "search" (grid search), "fixed" (use `alpha`), or "none".
-        alpha: the fixed strength (default: the closed-form first guess b_w / (b_w + b_x)); beta = 1 - alpha.
+        smooth, alpha: how the smoothing strength is chosen; beta = 1 - alpha.
         num_grids: alpha grid points k / num_grids (deepcompressor uses 20).
         search_beta: also score beta = 0 candidates.
         max_tokens: calibration tokens kept per layer (final error, GPTQ Hessian, the re-scoring of the best).
@@ -68,14 +93,17 @@ class SVDQuantOptions:
         shared_lowrank: layers reading the same input (q, k, v) share one smoothing and down-projection.
         act_shift: quantize fc2's post-GELU input unsigned, shifted by 0.171875 (folded into the bias).
         adaln_weight_only: quantize adaLN modulation linears weight-only instead of keeping them 16-bit.
-        branch_dtype: "float16", "bfloat16" or "auto" (bfloat16 for bfloat16 models, else float16).
+        branch_dtype: the dtype of the low-rank branch.
+        batch_size: calibration samples per replayed denoiser call.
     """
 
+    method: ClassVar[str] = "svdquant"
+    sampling: ClassVar[Sampling | None] = Sampling.UNIFORM
     rank: int = 32
-    svd: str = "randomized"
+    svd: SVDMethod = SVDMethod.RANDOMIZED
     svd_niter: int = 4
     lowrank_iters: int = 0
-    smooth: str = "search"
+    smooth: Smoothing = Smoothing.SEARCH
     alpha: float | None = None
     num_grids: int = 20
     search_beta: bool = False
@@ -88,28 +116,28 @@ class SVDQuantOptions:
     shared_lowrank: bool = False
     act_shift: bool = False
     adaln_weight_only: bool = True
-    branch_dtype: str = "auto"
+    branch_dtype: BranchDType = BranchDType.AUTO
+    batch_size: int = 8
 
-    @classmethod
-    def from_recipe(cls, recipe: Any, defaults: dict | None = None) -> "SVDQuantOptions":
-        opts = dict(defaults or {})
-        opts.update(recipe.options or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(opts) - allowed)
-        if unknown:
-            raise DQError(f"recipe {recipe.name!r}: unknown option(s) {unknown} for method {recipe.method!r}; allowed: {sorted(allowed)}.")
-        o = cls(**opts)
-        choices = {"svd": ("randomized", "exact"), "smooth": ("search", "fixed", "none"), "branch_dtype": ("auto", "float16", "bfloat16", "float32")}
-        for key, allowed_values in choices.items():
-            if getattr(o, key) not in allowed_values:
-                raise DQError(f"recipe {recipe.name!r}: option {key}={getattr(o, key)!r}; allowed: {list(allowed_values)}.")
-        if o.alpha is not None and not 0 <= o.alpha <= 1:
-            raise DQError(f"recipe {recipe.name!r}: option alpha={o.alpha} must lie in [0, 1].")
-        for key in ("rank", "lowrank_iters", "num_grids", "max_tokens", "search_tokens", "search_top", "gptq_blocksize", "svd_niter"):
-            v = getattr(o, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key in ("rank", "lowrank_iters", "svd_niter") else 1):
-                raise DQError(f"recipe {recipe.name!r}: option {key} must be a {'non-negative' if key in ('rank', 'lowrank_iters', 'svd_niter') else 'positive'} integer, got {v!r}.")
-        return o
+    def validate(self) -> None:
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise DQError(f"option alpha={self.alpha} must lie in [0, 1].")
+        for key in ("rank", "lowrank_iters", "svd_niter"):
+            if getattr(self, key) < 0:
+                raise DQError(f"option {key} must be a non-negative integer, got {getattr(self, key)}.")
+        for key in ("num_grids", "max_tokens", "search_tokens", "search_top", "gptq_blocksize", "batch_size"):
+            if getattr(self, key) < 1:
+                raise DQError(f"option {key} must be a positive integer, got {getattr(self, key)}.")
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(SVDQuantConfig):
+    """SmoothQuant: SVDQuant's machinery with no low-rank branch and a fixed strength alpha = 0.5."""
+
+    method: ClassVar[str] = "smoothquant"
+    rank: int = 0
+    smooth: Smoothing = Smoothing.FIXED
+    alpha: float | None = 0.5
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -125,45 +153,39 @@ def _gelu_fc2_names(denoiser: nn.Module) -> set[str]:
     return found
 
 
-def _branch_dtype(options: SVDQuantOptions, denoiser: nn.Module) -> str:
-    if options.branch_dtype != "auto":
-        return options.branch_dtype
+def _branch_dtype(options: SVDQuantConfig, denoiser: nn.Module) -> str:
+    if options.branch_dtype is not BranchDType.AUTO:
+        return options.branch_dtype.value
     dtype = next((p.dtype for p in denoiser.parameters()), torch.float32)
     return "bfloat16" if dtype == torch.bfloat16 else "float16"
 
 
-def make_planner(defaults: dict) -> Callable[[nn.Module, Any, Any], None]:
-    """A `plan_layers(denoiser, selection, recipe)` hook for dq.quantize with these option defaults."""
-
-    def plan_layers(denoiser: nn.Module, selection: Any, recipe: Any) -> None:
-        """Plan Linear layers as svdq_linear (validating ranks before anything is swapped) and adaLN weight-only."""
-        options = SVDQuantOptions.from_recipe(recipe, defaults)
-        fc2 = _gelu_fc2_names(denoiser) if options.act_shift else set()
-        branch_dtype = _branch_dtype(options, denoiser)
-        for name, plan in list(selection.plans.items()):
-            if plan.kind != "linear":
-                continue
-            module = denoiser.get_submodule(name)
-            if options.rank > min(module.in_features, module.out_features):
-                raise DQError(
-                    f"recipe {recipe.name!r}: rank {options.rank} exceeds layer {name!r} of size "
-                    f"[{module.out_features}, {module.in_features}] (at most {min(module.in_features, module.out_features)}); "
-                    "lower `rank` or skip the layer. The model was not changed."
-                )
-            act = plan.act
-            shift = 0.0
-            if name in fc2 and act is not None and act.fmt.is_integer:
-                act = replace(act, format=f"uint{act.fmt.bits}")
-                shift = GELU_SHIFT
-            selection.plans[name] = LayerPlan("svdq_linear", plan.weight, act, {"rank": options.rank, "branch_dtype": branch_dtype, "act_shift": shift})
-        if options.adaln_weight_only:
-            for name, module in denoiser.named_modules():
-                if type(module) is nn.Linear and name in selection.skipped and any(fnmatch(name, p) for p in ADALN_PATTERNS):
-                    if module.in_features % getattr(recipe.weight.granularity, "group_size", 1) == 0:
-                        selection.plans[name] = LayerPlan("linear", recipe.weight, None)
-                        del selection.skipped[name]
-
-    return plan_layers
+def plan_svdq_layers(denoiser: nn.Module, selection: LayerSelection, recipe: Recipe, options: SVDQuantConfig) -> None:
+    """Plan Linear layers as svdq_linear (validating ranks before anything is swapped) and adaLN weight-only."""
+    fc2 = _gelu_fc2_names(denoiser) if options.act_shift else set()
+    branch_dtype = _branch_dtype(options, denoiser)
+    for name, plan in list(selection.plans.items()):
+        if plan.kind != "linear":
+            continue
+        module = denoiser.get_submodule(name)
+        if options.rank > min(module.in_features, module.out_features):
+            raise DQError(
+                f"recipe {recipe.name!r}: rank {options.rank} exceeds layer {name!r} of size "
+                f"[{module.out_features}, {module.in_features}] (at most {min(module.in_features, module.out_features)}); "
+                "lower `rank` or skip the layer. The model was not changed."
+            )
+        act = plan.act
+        shift = 0.0
+        if name in fc2 and act is not None and act.fmt.is_integer:
+            act = replace(act, format=f"uint{act.fmt.bits}")
+            shift = GELU_SHIFT
+        selection.plans[name] = LayerPlan("svdq_linear", plan.weight, act, {"rank": options.rank, "branch_dtype": branch_dtype, "act_shift": shift})
+    if options.adaln_weight_only:
+        for name, module in denoiser.named_modules():
+            if type(module) is nn.Linear and name in selection.skipped and any(fnmatch(name, p) for p in ADALN_PATTERNS):
+                if module.in_features % getattr(recipe.weight.granularity, "group_size", 1) == 0:
+                    selection.plans[name] = LayerPlan("linear", recipe.weight, None)
+                    del selection.skipped[name]
 
 
 # -- calibrating one unit (a layer, or layers sharing their input) ---------------------------------------
@@ -221,14 +243,14 @@ def calibrate_unit(
     layers: list[SVDQLinear],
     x: torch.Tensor,
     x_span: torch.Tensor,
-    options: SVDQuantOptions,
+    options: SVDQuantConfig,
     names: list[str] | None = None,
 ) -> UnitResult:
     """Smooth, decompose and set the residual of layers that read the same input `x` [N, in].
 
     Example:
         >>> layer = SVDQLinear.from_float(linear, w4, a4, rank=32)
-        >>> calibrate_unit([layer], x_calib, x_calib.abs().amax(0), SVDQuantOptions())
+        >>> calibrate_unit([layer], x_calib, x_calib.abs().amax(0), SVDQuantConfig())
     """
     small = sum(layer.in_features * layer.out_features for layer in layers) < SMALL_UNIT
     with _intra_op_threads(1 if small else torch.get_num_threads()):
@@ -262,10 +284,10 @@ def _calibrate_unit(layers, x, x_span, options, names) -> UnitResult:
 
     w_span = w.abs().amax(0)
     guess = first_guess_alpha(wspec, act) if options.alpha is None else options.alpha
-    if options.smooth == "search":
+    if options.smooth is Smoothing.SEARCH:
         candidates = alpha_beta_grid(options.num_grids, options.search_beta, first=guess)
     else:
-        candidates = [(guess, 1 - guess) if options.smooth == "fixed" else (0.0, 0.0)]
+        candidates = [(guess, 1 - guess) if options.smooth is Smoothing.FIXED else (0.0, 0.0)]
     n_search = min(options.search_tokens, x.shape[0])
     if len(candidates) > 1 and n_search < x.shape[0]:
         # Whole grid on a token subsample (x is already a random subsample, so its head is one too) with
@@ -300,7 +322,7 @@ def _calibrate_unit(layers, x, x_span, options, names) -> UnitResult:
 
 
 @torch.no_grad()
-def _gptq_layer(layer: QuantLayerMixin, hessian: torch.Tensor, options: SVDQuantOptions) -> None:
+def _gptq_layer(layer: QuantLayerMixin, hessian: torch.Tensor, options: SVDQuantConfig) -> None:
     """GPTQ-round the layer's (residual) weight with its min-max scales fixed; rounding stays on its grid."""
     wq = layer.weight_quantizer
     s, z = wq.expanded()
@@ -330,13 +352,13 @@ def _units(names: list[str], inputs: dict[str, LayerInputs], shared: bool) -> li
 
 
 def calibrate_layers(
-    denoiser: nn.Module, layers: dict[str, QuantLayerMixin], options: SVDQuantOptions, samples: Any
+    denoiser: nn.Module, layers: dict[str, QuantLayerMixin], options: SVDQuantConfig, data: CalibData
 ) -> dict[str, UnitResult]:
-    """Capture inputs of every SVDQLinear in `layers` from `samples` (denoiser (args, kwargs)) and calibrate them."""
+    """Capture the inputs of every SVDQLinear in `layers` over the calibration data and calibrate them."""
     svdq = {n: l for n, l in layers.items() if isinstance(l, SVDQLinear)}
     if not svdq:
         return {}
-    inputs = capture_layer_inputs(denoiser, layers, samples, list(svdq), max_tokens=options.max_tokens)
+    inputs = capture_layer_inputs(denoiser, layers, data, list(svdq), max_tokens=options.max_tokens, batch_size=options.batch_size)
     results = {}
     for unit in tqdm(_units(list(svdq), inputs, options.shared_lowrank), desc="dq: svdquant", leave=False):
         first = inputs[unit[0]]
@@ -358,29 +380,13 @@ def calibrate_layers(
     return results
 
 
-def denoiser_samples(denoiser: nn.Module, recipe: Any, context: CalibContext, batch_size: int = 8) -> list[tuple[tuple, dict]]:
-    """The denoiser calls to calibrate on, on the denoiser's device and dtype.
+@register_calibrator(SVDQuantConfig)
+@register_calibrator(SmoothQuantConfig)
+class SVDQuantCalibrator(Calibrator[SVDQuantConfig]):
+    """SVDQuant (Li et al., 2024) and SmoothQuant: smoothing + low-rank branch + quantized residual per layer."""
 
-    `context.calib` may be a list of (args, kwargs) calls, a dq.calib.collect.CalibData, or a CalibConfig
-    (None: the bundled default set), which dq.calib.collect runs the FP pipeline for.
-    """
-    calib = context.calib
-    if isinstance(calib, (list, tuple)) and calib and all(isinstance(c, tuple) and len(c) == 2 for c in calib):
-        return list(calib)
-    data = calib if isinstance(calib, CalibData) else calibration_data(context, recipe, sampling="uniform")
-    p = next(denoiser.parameters())
-    return [(to_device(a, p.device, p.dtype), to_device(k, p.device, p.dtype)) for _, a, k in data.batches(batch_size)]
+    def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
+        plan_svdq_layers(denoiser, selection, recipe, self.config)
 
-
-def make_calibrator(defaults: dict) -> Callable:
-    def calibrate(denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Any, context: CalibContext) -> None:
-        options = SVDQuantOptions.from_recipe(recipe, defaults)
-        samples = denoiser_samples(denoiser, recipe, context)
-        calibrate_layers(denoiser, layers, options, samples)
-
-    calibrate.plan_layers = make_planner(defaults)
-    return calibrate
-
-
-calibrate_svdquant = CALIBRATORS.register("svdquant")(make_calibrator({}))
-calibrate_smoothquant = CALIBRATORS.register("smoothquant")(make_calibrator({"rank": 0, "smooth": "fixed", "alpha": 0.5}))
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        calibrate_layers(denoiser, layers, self.config, data)

@@ -21,27 +21,57 @@ The paper reports TFMQ about 2x faster to calibrate than BRECQ on LDM Bedrooms.
 from __future__ import annotations
 
 import logging
-from fnmatch import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable
+from enum import Enum
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.adaround import TempDecay, attach_adaround, harden, rounding_loss
-from dq.calib.collect import calibration_data
-from dq.calib.qdiffusion import ReconOptions, _check_layers, apply_split_shortcuts, frozen_parameters, init_weight_scales, reconstruct_weights
-from dq.calib.registry import CALIBRATORS, CalibContext
+from dq.calib.base import Calibrator, Sampling, register_calibrator
+from dq.calib.data import CalibData
+from dq.calib.qdiffusion import ReconConfig, _check_layers, apply_split_shortcuts, frozen_parameters, init_weight_scales, reconstruct_weights
 from dq.calib.state import quant_state
 from dq.calib.timestep import calibrate_activations
 from dq.errors import DQError
-from dq.nn.swap import FLOAT_LAYER_KIND, LayerPlan, swap_layers
-from dq.quant import PerGroup, PerToken
+from dq.nn.base import QuantLayerMixin
+from dq.nn.select import LayerSelection, fits
+from dq.nn.swap import FLOAT_LAYER_KIND, LayerPlan
+
+if TYPE_CHECKING:
+    from dq.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
-TFMQ_OPTIONS = ("tib_iters", "keep_first_time_linear", "fsc")
+
+
+class FSCScope(str, Enum):
+    """Which activations get one scale set per sampling timestep (finite set calibration)."""
+
+    ALL = "all"
+    """Every static activation quantizer (TFMQ's released code)."""
+    TIB = "tib"
+    """The temporal block's activations only; the rest keep `timestep_groups` sets (the paper)."""
+
+
+@dataclass(frozen=True)
+class TFMQConfig(ReconConfig):
+    """TFMQ-DM: the Q-Diffusion reconstruction settings, plus
+
+    Args:
+        tib_iters: AdaRound iterations of the temporal block (None: `iters`).
+        keep_first_time_linear: keep the time embedding's first linear in float, as the released code does.
+        fsc: the scope of finite set calibration.
+    """
+
+    method: ClassVar[str] = "tfmq"
+    sampling: ClassVar[Sampling | None] = Sampling.ALL
+    tib_iters: int | None = None
+    keep_first_time_linear: bool = True
+    fsc: FSCScope = FSCScope.ALL
 
 
 @dataclass
@@ -51,6 +81,11 @@ class TemporalBlock:
     layers: list[str]
     keep_float: list[str]
     outputs: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A float layer dq can quantize, or one already swapped for a quantized layer."""
+    return type(module) in FLOAT_LAYER_KIND or isinstance(module, QuantLayerMixin)
 
 
 def find_temporal_block(denoiser: nn.Module, keep_first_linear: bool = True) -> TemporalBlock:
@@ -71,7 +106,7 @@ def find_temporal_block(denoiser: nn.Module, keep_first_linear: bool = True) -> 
             emb = denoiser.time_embedding(denoiser.time_proj(t).to(dtype))
             return [emb] + [r.time_emb_proj(r.nonlinearity(emb)) for r in resnets.values()]
 
-        names = [n for n, m in denoiser.time_embedding.named_modules(prefix="time_embedding") if type(m) in FLOAT_LAYER_KIND]
+        names = [n for n, m in denoiser.time_embedding.named_modules(prefix="time_embedding") if _is_layer(m)]
         names += [n for n, _ in projs]
         first = names[:1] if keep_first_linear else []
         return TemporalBlock([n for n in names if n not in first], first, unet_outputs)
@@ -84,7 +119,7 @@ def find_temporal_block(denoiser: nn.Module, keep_first_linear: bool = True) -> 
             mod, emb = ada(t, {"resolution": None, "aspect_ratio": None}, batch_size=t.shape[0], hidden_dtype=dtype)
             return [mod, emb]
 
-        names = [n for n, m in ada.named_modules(prefix="adaln_single") if type(m) in FLOAT_LAYER_KIND]
+        names = [n for n, m in ada.named_modules(prefix="adaln_single") if _is_layer(m)]
         first = [n for n in names if n.endswith("linear_1")][:1] if keep_first_linear else []
         return TemporalBlock([n for n in names if n not in first], first, dit_outputs)
     raise DQError(
@@ -93,20 +128,14 @@ def find_temporal_block(denoiser: nn.Module, keep_first_linear: bool = True) -> 
     )
 
 
-def _fits(spec: Any, in_features: int) -> bool:
-    g = None if spec is None else spec.granularity
-    size = getattr(g, "group_size", None) if isinstance(g, (PerGroup, PerToken)) else None
-    return not size or in_features % size == 0
-
-
-def quantize_tib_layers(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, recipe: Any) -> list[str]:
-    """Swap in the TIB layers the walker's default skip list kept in float; returns the added names.
+def plan_tib_layers(denoiser: nn.Module, selection: LayerSelection, tib: TemporalBlock, recipe: Recipe) -> list[str]:
+    """Plan the TIB layers dq's default skip list keeps in float; returns the added names.
 
     The recipe's own `skip` and `only` patterns still apply: only dq's default skip list is overridden.
     """
-    plans = {}
+    added = []
     for name in tib.layers:
-        if name in layers or any(fnmatch(name, p) for p in recipe.skip):
+        if name in selection.plans or any(fnmatch(name, p) for p in recipe.skip):
             continue
         if recipe.only and not any(fnmatch(name, p) for p in recipe.only):
             continue
@@ -116,15 +145,16 @@ def quantize_tib_layers(denoiser: nn.Module, layers: dict[str, nn.Module], tib: 
             continue
         in_f = module.in_features if kind == "linear" else module.weight[0].numel()
         act_c = module.in_features if kind == "linear" else module.in_channels
-        if _fits(recipe.weight, in_f) and _fits(recipe.act, act_c):
-            plans[name] = LayerPlan(kind, recipe.weight, recipe.act)
+        if fits(recipe.weight, in_f) and fits(recipe.act, act_c):
+            selection.plans[name] = LayerPlan(kind, recipe.weight, recipe.act)
+            selection.skipped.pop(name, None)
+            added.append(name)
         else:
             logger.warning("dq: TIB layer %s does not fit the recipe's group size; kept in float", name)
-    layers.update(swap_layers(denoiser, plans))
-    return list(plans)
+    return added
 
 
-def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, timesteps: list[float], opts: ReconOptions, iters: int) -> float:
+def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, timesteps: list[float], opts: ReconConfig, iters: int) -> float:
     """Reconstruct the TIB with AdaRound on all schedule timesteps; returns learned / nearest loss."""
     members = {n: layers[n] for n in tib.layers if n in layers}
     if not members or iters == 0:
@@ -155,28 +185,29 @@ def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, 
     return learned / max(nearest, 1e-30)
 
 
-@CALIBRATORS.register("tfmq")
-def calibrate_tfmq(denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Any, context: CalibContext) -> None:
+@register_calibrator(TFMQConfig)
+class TFMQCalibrator(Calibrator[TFMQConfig]):
     """TFMQ-DM (Huang et al., CVPR 2024): TIAR for the temporal block, BRECQ for the rest, FSC activations."""
-    opts, extra = ReconOptions.from_recipe(recipe, extra=TFMQ_OPTIONS)
-    fsc = extra.get("fsc", "all")
-    if fsc not in ("all", "tib"):
-        raise DQError(f"recipe {recipe.name!r}: option fsc={fsc!r}; allowed: 'all' (TFMQ code) or 'tib' (paper).")
-    tib = find_temporal_block(denoiser, bool(extra.get("keep_first_time_linear", True)))
-    data = calibration_data(context, recipe, sampling="all")
-    quantize_tib_layers(denoiser, layers, tib, recipe)
-    _check_layers(layers, list(layers))
-    if opts.split_shortcut:
-        apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
-    init_weight_scales(layers, opts.weight_observer)
-    tib_set = set(tib.layers)
-    steps = len({s.timestep for s in data.samples})
-    with frozen_parameters(denoiser):
-        ratio = tiar(denoiser, layers, tib, data.schedule, opts, int(extra.get("tib_iters", opts.iters)))
-        logger.info("dq: TIAR loss %.3g x of nearest rounding", ratio)
-        reconstruct_weights(denoiser, layers, data, opts, exclude=tib_set)
-        tib_layers = {n: layers[n] for n in tib.layers if n in layers}
-        rest = {n: l for n, l in layers.items() if n not in tib_set}
-        calibrate_activations(denoiser, tib_layers, data, "minmax", steps, opts.batch_size)
-        rest_groups = steps if fsc == "all" else opts.timestep_groups
-        calibrate_activations(denoiser, rest, data, opts.act_observer, rest_groups, opts.batch_size)
+
+    def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
+        plan_tib_layers(denoiser, selection, find_temporal_block(denoiser, self.config.keep_first_time_linear), recipe)
+
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        opts = self.config
+        tib = find_temporal_block(denoiser, opts.keep_first_time_linear)
+        _check_layers(layers, list(layers))
+        if opts.split_shortcut:
+            apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
+        init_weight_scales(layers, opts.weight_observer)
+        tib_set = set(tib.layers)
+        steps = len({s.timestep for s in data.samples})
+        with frozen_parameters(denoiser):
+            iters = opts.iters if opts.tib_iters is None else opts.tib_iters
+            ratio = tiar(denoiser, layers, tib, data.schedule, opts, iters)
+            logger.info("dq: TIAR loss %.3g x of nearest rounding", ratio)
+            reconstruct_weights(denoiser, layers, data, opts, exclude=tib_set)
+            tib_layers = {n: layers[n] for n in tib.layers if n in layers}
+            rest = {n: l for n, l in layers.items() if n not in tib_set}
+            calibrate_activations(denoiser, tib_layers, data, "minmax", steps, opts.batch_size)
+            rest_groups = steps if opts.fsc is FSCScope.ALL else opts.timestep_groups
+            calibrate_activations(denoiser, rest, data, opts.act_observer, rest_groups, opts.batch_size)

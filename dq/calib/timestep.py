@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
+from dq.calib.data import CalibData
+from dq.calib.observers import OBSERVERS
+from dq.calib.state import quant_state
 from dq.errors import DQError
+from dq.nn.base import QuantLayerMixin
 from dq.nn.quantizer import ActQuantizer
+
+if TYPE_CHECKING:
+    from dq.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +144,7 @@ def static_act_quantizers(layers: dict[str, nn.Module]) -> dict[str, ActQuantize
 def calibrate_activations(
     denoiser: nn.Module,
     layers: dict[str, nn.Module],
-    data: Any,
+    data: CalibData,
     observer: str = "minmax",
     groups: int = 1,
     batch_size: int = 8,
@@ -152,10 +161,6 @@ def calibrate_activations(
         groups: timestep groups (1 = one static scale; the number of calibrated steps = TFMQ's FSC).
         weights_quantized: replay with quantized weights (True) or float weights.
     """
-    from dq.calib.collect import to_device
-    from dq.calib.observers import OBSERVERS
-    from dq.calib.state import quant_state
-
     quantizers = static_act_quantizers(layers)
     if not quantizers:
         return 1
@@ -194,10 +199,10 @@ def calibrate_activations(
         handles = [q.register_forward_pre_hook(hook) for q in quantizers.values()]
         try:
             with quant_state(denoiser, weights=weights_quantized, acts=False), torch.no_grad():
-                sub = type(data)(members, data.schedule)
-                for chunk, args, kwargs in sub.batches(batch_size, by_step=True):
-                    current["step"] = chunk[0].step
-                    denoiser(*to_device(args, device, dtype), **to_device(kwargs, device, dtype))
+                sub = data.subset(members)
+                for batch in sub.batches(batch_size, by_step=True):
+                    current["step"] = batch.samples[0].step
+                    sub.replay(denoiser, batch)
         finally:
             for h in handles:
                 h.remove()
@@ -228,24 +233,35 @@ def calibrate_activations(
 
 
 # -- the cheap calibrator: round-to-nearest weights, timestep-grouped min-max activations --------------
-def _register() -> None:
-    from dq.calib.registry import CALIBRATORS
-
-    @CALIBRATORS.register("timestep")
-    def calibrate_timestep(denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Any, context: Any) -> None:
-        """Min-max weight scales (set at swap) and per-timestep-group static activation scales."""
-        from dq.calib.collect import calibration_data
-        from dq.calib.observers import OBSERVERS
-
-        defaults = {"timestep_groups": 4, "act_observer": "minmax", "batch_size": 8}
-        opts = dict(recipe.options or {})
-        unknown = sorted(set(opts) - set(defaults))
-        if unknown:
-            raise DQError(f"recipe {recipe.name!r}: unknown option(s) {unknown} for method 'timestep'; allowed: {sorted(defaults)}.")
-        opts = {**defaults, **opts}
-        OBSERVERS.get(opts["act_observer"])
-        data = calibration_data(context, recipe, sampling="uniform")
-        calibrate_activations(denoiser, layers, data, opts["act_observer"], int(opts["timestep_groups"]), int(opts["batch_size"]), weights_quantized=True)
+def check_observer(name: str) -> None:
+    """DQError listing the registered observers when `name` is not one."""
+    OBSERVERS.get(name)
 
 
-_register()
+@dataclass(frozen=True)
+class TimestepConfig(CalibratorConfig):
+    """Min-max weight scales (set at swap) and static activation scales per timestep group.
+
+    Args:
+        timestep_groups: contiguous timestep intervals, one activation scale set each.
+        act_observer: the observer of activation ranges (dq.calib.observers.OBSERVERS).
+        batch_size: calibration samples per replayed denoiser call.
+    """
+
+    method: ClassVar[str] = "timestep"
+    sampling: ClassVar[Sampling | None] = Sampling.UNIFORM
+    timestep_groups: int = 4
+    act_observer: str = "minmax"
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        check_observer(self.act_observer)
+        if self.timestep_groups < 1 or self.batch_size < 1:
+            raise DQError("timestep_groups and batch_size must be >= 1.")
+
+
+@register_calibrator(TimestepConfig)
+class TimestepCalibrator(Calibrator[TimestepConfig]):
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        c = self.config
+        calibrate_activations(denoiser, layers, data, c.act_observer, c.timestep_groups, c.batch_size, weights_quantized=True)

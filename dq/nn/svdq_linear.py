@@ -25,6 +25,7 @@ from dq.kernels import quantized_linear
 from dq.nn.quant_linear import QuantLinear
 from dq.nn.swap import QUANT_LAYER_TYPES
 from dq.quant import QuantSpec
+from dq.quant.lowrank import low_rank
 from dq.sizes import tensors_bytes
 
 BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -111,15 +112,8 @@ class SVDQLinear(QuantLinear):
         """
         layer = cls.wrap(module, weight_spec, act_spec, **options)
         w = module.weight.detach().float()
-        r = layer.rank
-        if r == 0:
-            up, down = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
-        else:
-            with torch.random.fork_rng(devices=[]):  # a fixed sketch: the same layer always decomposes the same
-                torch.manual_seed(0)
-                u, s, v = torch.svd_lowrank(w, q=min(r + 10, min(w.shape)), niter=4)
-            up, down = u[:, :r] * s[:r], v[:, :r].t()
-        layer.set_decomposition(torch.ones(w.shape[1]), up, down, w)
+        lr = low_rank(w, layer.rank)  # a fixed-seed sketch: the same layer always decomposes the same
+        layer.set_decomposition(torch.ones(w.shape[1]), lr.up, lr.down, w)
         return layer
 
     def layer_options(self) -> dict:

@@ -1,8 +1,9 @@
-"""diffusers adapters: denoiser discovery, layer selection rules, the quantizer backend, dq.quantize."""
+"""diffusers adapters: calibration data from a pipeline, the quantizer backend, the LoRA bridge, dq.quantize."""
 
+from dq.calib import QuantReport
 from dq.pipelines.backend import DQQuantizer, register_backend
+from dq.pipelines.calibration import CalibConfig
 from dq.pipelines.config import DQConfig
-from dq.pipelines.quantize import QuantReport, quantize
-from dq.pipelines.walker import find_denoiser, select_layers
+from dq.pipelines.quantize import quantize
 
-__all__ = ["DQConfig", "DQQuantizer", "QuantReport", "find_denoiser", "quantize", "register_backend", "select_layers"]
+__all__ = ["CalibConfig", "DQConfig", "DQQuantizer", "QuantReport", "quantize", "register_backend"]

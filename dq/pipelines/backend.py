@@ -10,12 +10,14 @@ from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from safetensors import safe_open
 
-from dq.calib import CalibContext
+from dq.calib import quantize_model
+from dq.calib.timestep import attach_timestep_hook
 from dq.errors import DQError
 from dq.nn import quant_layers, swap_layers
 from dq.nn.swap import plan_of
 from dq.pipelines.config import DQConfig
 from dq.pipelines.lora import enable_lora
+from dq.recipes import Recipe
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,7 +31,7 @@ def layer_plans_of(model: torch.nn.Module) -> dict[str, dict]:
     return {name: plan_of(layer).to_dict() for name, layer in quant_layers(model)}
 
 
-def attach_quantizer(model: torch.nn.Module, recipe: Any) -> None:
+def attach_quantizer(model: torch.nn.Module, recipe: Recipe) -> None:
     """Mark a model quantized by dq.quantize as diffusers marks one loaded quantized, so save_pretrained works."""
     config = DQConfig(recipe=recipe.to_dict(), modules=layer_plans_of(model))
     model.register_to_config(quantization_config=config)
@@ -148,21 +150,17 @@ class DQQuantizer(DiffusersQuantizer):
     # -- quantizing at load time (data-free recipes) ----------------------------------------------
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         if self.pre_quantized:
-            from dq.calib.timestep import attach_timestep_hook
-
             _realign(model)
             attach_timestep_hook(model)  # per-timestep activation scales select their group per call
             enable_lora(model)
             return model
-        from dq.pipelines.quantize import quantize_model
-
         recipe = self.quantization_config.recipe_obj
         if recipe.needs_data:
             raise DQError(
                 f"recipe {recipe.name!r} calibrates on data and cannot run inside from_pretrained; "
                 "load the float pipeline and call dq.quantize(pipe, recipe, calib=dq.CalibConfig(...))."
             )
-        quantize_model(model, recipe, CalibContext())
+        quantize_model(model, recipe)
         self.quantization_config.modules = layer_plans_of(model)
         self.pre_quantized = True
         enable_lora(model)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from dq.calib.base import CalibratorConfig, load_config
 from dq.errors import DQError
 from dq.quant import QuantSpec, spec_from_dict, spec_to_dict
 
@@ -25,13 +26,15 @@ class Recipe:
         description: one line shown by `dq recipes`.
         weight: weight quantizer spec (format, granularity, group_size, symmetric).
         act: input-activation quantizer spec, or None for weight-only.
-        method: the calibrator that sets scales / rounding ("rtn" needs no data).
+        method: the calibration method that sets scales / rounding (`dq.calib.METHODS`; "rtn" needs no data).
         layers: which float layer kinds are quantized ("linear", "conv2d").
         skip: glob patterns of module names kept in high precision, added to the family defaults.
         only: when set, only module names matching one of these globs are quantized.
-        needs_data: whether `method` runs the FP pipeline on calibration prompts.
-        options: method-specific settings, validated by the method.
+        options: the method's settings, read into its typed config (`calibration`), which names unknown fields.
         source: paper / reference code the recipe follows.
+
+    `calibration` is the method's typed config built from `options`, and `needs_data` says whether the
+    method calibrates on samples of the denoiser's inputs.
     """
 
     name: str
@@ -42,12 +45,20 @@ class Recipe:
     layers: tuple[str, ...] = LAYER_KINDS
     skip: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
-    needs_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    calibration: CalibratorConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration", load_config(self.method, dict(self.options), origin=f"recipe {self.name!r}"))
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the recipe's method calibrates on samples of the denoiser's inputs."""
+        return self.calibration.needs_data
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["weight"] = spec_to_dict(self.weight)
         d["act"] = None if self.act is None else spec_to_dict(self.act)
         d["layers"], d["skip"], d["only"] = list(self.layers), list(self.skip), list(self.only)
@@ -55,8 +66,14 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict, origin: str = "recipe") -> "Recipe":
-        """Build a recipe from a dict; unknown or ill-typed fields raise a DQError naming the field."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        """Build a recipe from a dict; unknown or ill-typed fields raise a DQError naming the field.
+
+        `needs_data`, which checkpoints written before it became a property of the method carry, is
+        accepted when it agrees with the method.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        d = dict(d)
+        legacy_needs_data = d.pop("needs_data", None)
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise DQError(f"{origin}: unknown field(s) {unknown}; allowed fields: {sorted(fields)}.")
@@ -66,7 +83,6 @@ class Recipe:
         _expect(origin, d, "name", str)
         _expect(origin, d, "description", str)
         _expect(origin, d, "method", str)
-        _expect(origin, d, "needs_data", bool)
         _expect(origin, d, "options", dict)
         _expect(origin, d, "source", str)
         _expect(origin, d, "weight", dict)
@@ -88,7 +104,13 @@ class Recipe:
         except DQError as e:
             raise DQError(f"{origin}: {e}") from None
         kw.setdefault("description", "")
-        return cls(**kw)
+        recipe = cls(**kw)
+        if legacy_needs_data is not None and legacy_needs_data != recipe.needs_data:
+            raise DQError(
+                f"{origin}: needs_data={legacy_needs_data!r} contradicts method {recipe.method!r}, which "
+                f"{'calibrates on data' if recipe.needs_data else 'is data-free'}; drop the field (the method decides it)."
+            )
+        return recipe
 
 
 def _expect(origin: str, d: dict, key: str, typ: type) -> None:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import dq
-from dq.cache import BlockCacheConfig, DeepCacheConfig, calibration_replay
-from dq.calib.collect import CalibConfig, collect, to_device
+from dq.cache import BlockCacheConfig, DeepCacheConfig
+from dq.calib.data import CalibBatch
+from dq.pipelines.calibration import CalibConfig, collect
 from dq.errors import DQError
 from tiny_pipelines import run
 
@@ -21,7 +22,7 @@ def _static_w8a8(timestep_groups: int) -> dq.Recipe:
     return dq.Recipe.from_dict({
         "name": f"w8a8-static-{timestep_groups}", "weight": {"format": "int8", "granularity": "channel"},
         "act": {"format": "int8", "granularity": "tensor", "symmetric": False},
-        "method": "timestep", "needs_data": True, "options": {"timestep_groups": timestep_groups},
+        "method": "timestep", "options": {"timestep_groups": timestep_groups},
     })
 
 
@@ -37,17 +38,15 @@ def test_replayed_samples_reproduce_the_cached_run(family, config, request):
     outputs = []
     hook = denoiser.register_forward_hook(lambda m, a, o: outputs.append(_first(o).detach().clone()))
     cfg = _calib_config(kw)
-    data = collect(pipe, cfg, calibration_replay(pipe))
+    data = collect(pipe, cfg)
     hook.remove()
     assert [s.cached for s in data.samples if s.prompt == 0] == [False, True, False, True]
     with torch.no_grad():
         for s in data.samples:
-            args, kwargs = to_device(s.args, torch.device("cpu"), torch.float32), to_device(s.kwargs, torch.device("cpu"), torch.float32)
             recorded = outputs[s.step][torch.arange(s.prompt, 2 * cfg.samples, cfg.samples)]
-            replayed = _first(denoiser(*args, **kwargs))
-            uncached_kwargs = {k: v for k, v in kwargs.items() if k != "_dq_cache_replay"}
+            replayed = _first(data.replay(denoiser, CalibBatch([s], s.args, s.kwargs, s.cache_state)))
             dq.disable_cache(pipe)
-            uncached = _first(denoiser(*args, **uncached_kwargs))
+            uncached = _first(data.replay(denoiser, CalibBatch([s], s.args, s.kwargs, None)))
             dq.enable_cache(pipe, config)
             err = float((replayed - recorded).abs().max())
             assert err < 5e-3 * float(recorded.abs().max()) + 1e-4  # inputs were stored in float16
@@ -65,7 +64,7 @@ def test_cached_calibration_data_is_keyed_by_the_cache(sd, tmp_path):
     cfg = _calib_config(kw, steps=2, samples=1, cache_dir=str(tmp_path))
     plain = collect(pipe, cfg)
     dq.enable_cache(pipe, DeepCacheConfig(interval=2, branch=0))
-    cached = collect(pipe, cfg, calibration_replay(pipe))
+    cached = collect(pipe, cfg)
     dq.disable_cache(pipe)
     assert len(list(tmp_path.iterdir())) == 2  # the uncached data was not reused for the cached run
     assert not any(s.cached for s in plain.samples) and any(s.cached for s in cached.samples)

@@ -8,7 +8,7 @@ from torch import nn
 
 from dq.calib.adaround import AdaRound, attach_adaround
 from dq.calib.capture import Captured
-from dq.calib.qdiffusion import ReconOptions, _adaround_unit
+from dq.calib.qdiffusion import QDiffusionConfig, _adaround_unit
 from dq.errors import DQError
 from dq.nn import QuantLinear, swap_layers, LayerPlan
 from dq.quant import PerChannel, QuantSpec
@@ -35,7 +35,7 @@ def test_adaround_lowers_block_output_error_and_deploy_packs_it():
     batches = [Captured((xb,), {}, [tb], torch.zeros(len(xb))) for xb, tb in zip(x.split(64), target.split(64))]
     for p in block.parameters():
         p.requires_grad_(False)
-    ratio = _adaround_unit(block, layers, batches, ReconOptions(iters=300, lr=1e-2), random.Random(0), torch.device("cpu"), grouped=False)
+    ratio = _adaround_unit(block, layers, batches, QDiffusionConfig(iters=300, lr=1e-2), random.Random(0), torch.device("cpu"), grouped=False)
     with torch.no_grad():
         learned = block(x)
     err_nearest = float((nearest - target).pow(2).mean())
@@ -78,6 +78,5 @@ def test_unknown_recipe_option_is_named():
     from dq.recipes import load_recipe
     import dataclasses
 
-    recipe = dataclasses.replace(load_recipe("w4a8-qdiffusion"), options={"iterations": 5})
-    with pytest.raises(DQError, match="iterations"):
-        ReconOptions.from_recipe(recipe)
+    with pytest.raises(DQError, match=r"method 'qdiffusion': unknown option\(s\) \['iterations'\]; allowed: .*'act_iters'"):
+        dataclasses.replace(load_recipe("w4a8-qdiffusion"), options={"iterations": 5})

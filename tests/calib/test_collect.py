@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dq.calib.collect import CalibConfig, collect, ndtc_draw, nearest_step, uniform_steps
+from dq.pipelines.calibration import CalibConfig, collect, ndtc_draw, nearest_step, uniform_steps
 from dq.errors import DQError
 
 from calib_fixtures import tiny_sd_calib
@@ -60,7 +60,7 @@ def test_cache_reuses_same_settings(tmp_path, monkeypatch):
     pipe, cfg = tiny_sd_calib(steps=2, samples=1, sampling="all", cache_dir=str(tmp_path))
     first = collect(pipe, cfg)
     assert len(list(tmp_path.glob("calib-*.pt"))) == 1
-    import dq.calib.collect as c
+    import dq.pipelines.calibration as c
 
     monkeypatch.setattr(c, "_run", lambda *a, **k: pytest.fail("re-ran the pipeline despite the cache"))
     again = collect(pipe, cfg)
@@ -97,11 +97,11 @@ def test_nan_inputs_name_input_and_step():
 
 def test_default_calibration_set_is_logged(caplog):
     from dq import reference
-    from dq.calib.collect import default_calib, resolve_prompts
+    from dq.pipelines.calibration import default_calib, resolve_prompts
 
     with caplog.at_level("WARNING"):
-        cfg = default_calib("w4a8-qdiffusion", object(), sampling="ndtc")
-    assert cfg.sampling == "ndtc" and "calib=None" in caplog.text
+        cfg = default_calib("w4a8-qdiffusion", object())
+    assert cfg.sampling is None and "calib=None" in caplog.text
     assert cfg.prompts == "default", "a pipeline outside the reference domain calibrates on the general prompt set"
     assert default_calib("w4a8-qdiffusion", reference.load("ref-pixart")).prompts == "reference"
     assert len(resolve_prompts(cfg)) == cfg.samples

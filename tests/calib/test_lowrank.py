@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dq.calib.lowrank import low_rank, refine_low_rank, shared_low_rank
+from dq.quant.lowrank import low_rank, refine_low_rank, shared_low_rank
 from dq.errors import DQError
 from dq.quant import PerGroup, QuantSpec, fake_quantize
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from dq.calib.data import CalibData, CalibSample
 from dq.calib.smooth import alpha_beta_grid, capture_layer_inputs, channel_absmax, first_guess_alpha, search_smoothing, smooth_scale
 from dq.errors import DQError
 from dq.nn import QuantLinear
@@ -70,7 +71,8 @@ def test_capture_records_fp_inputs():
     expected_fc2_input = model[1](model[0](x)).detach()
     q = {"0": QuantLinear.from_float(model[0], W4, A4), "2": QuantLinear.from_float(model[2], W4, A4)}
     model[0], model[2] = q["0"], q["2"]
-    got = capture_layer_inputs(model, q, [((x,), {}), ((x,), {})], ["0", "2"], max_tokens=50)
+    data = CalibData([CalibSample(0, 1.0, i, (x,), {}, 4) for i in range(2)], [1.0])
+    got = capture_layer_inputs(model, q, data, ["0", "2"], max_tokens=50, batch_size=1)
     assert got["2"].count == 80 and got["2"].tokens.shape == (50, 64)
     # Statistics are those of the float model (the quantizers are bypassed during capture).
     torch.testing.assert_close(got["2"].absmax, channel_absmax(expected_fc2_input))

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from dq.calib.collect import CalibData, CalibSample
+from dq.calib.data import CalibData, CalibSample
 from dq.calib.qdiffusion import apply_split_shortcuts, find_split_points
 from dq.calib.timestep import calibrate_activations
 from dq.nn import LayerPlan, QuantConv2d, QuantSplitConv2d, plan_of, swap_layers

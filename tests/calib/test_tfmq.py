@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from dq.calib.qdiffusion import ReconOptions, init_weight_scales
-from dq.calib.tfmq import find_temporal_block, quantize_tib_layers, tiar
+from dq.calib.qdiffusion import init_weight_scales
+from dq.calib.tfmq import TFMQConfig, find_temporal_block, plan_tib_layers, tiar
+from dq.nn import LayerPlan, swap_layers
+from dq.nn.select import LayerSelection
 from dq.errors import DQError
 from dq.recipes import load_recipe
 from tiny_pipelines import build
@@ -41,17 +43,15 @@ def test_tiar_lowers_tib_output_error(family):
     recipe = load_recipe("w4a8-tfmq")
     recipe = dataclasses.replace(recipe, weight=dataclasses.replace(recipe.weight, format="int3"))
     tib = find_temporal_block(model)
-    layers = {}
-    added = quantize_tib_layers(model, layers, tib, recipe)
+    selection = LayerSelection()
+    added = plan_tib_layers(model, selection, tib, recipe)
     if family == "sd":
         assert "time_embedding.linear_2" in added
-    # time_emb_proj layers the walker would have swapped already: swap them here too for the test
-    from dq.nn import LayerPlan, swap_layers
-
-    rest = {n: LayerPlan("linear", recipe.weight, recipe.act) for n in tib.layers if n not in layers}
-    layers.update(swap_layers(model, rest))
+    # time_emb_proj layers the walker would have planned already: plan them here too for the test
+    rest = {n: LayerPlan("linear", recipe.weight, recipe.act) for n in tib.layers if n not in selection.plans}
+    layers = swap_layers(model, {**selection.plans, **rest})
     init_weight_scales(layers, "lp")
     for p in model.parameters():
         p.requires_grad_(False)
-    ratio = tiar(model, layers, tib, [float(t) for t in range(1, 1000, 50)], ReconOptions(lr=1e-2), iters=150)
+    ratio = tiar(model, layers, tib, [float(t) for t in range(1, 1000, 50)], TFMQConfig(lr=1e-2), iters=150)
     assert ratio < 0.9

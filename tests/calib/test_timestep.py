@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dq.calib.collect import CalibData, CalibSample
+from dq.calib.data import CalibData, CalibSample
 from dq.calib.timestep import calibrate_activations, group_ranges, nearest_group
 from dq.errors import DQError
 from dq.nn import QuantLinear
@@ -99,7 +99,7 @@ def test_timestep_groups_survive_save_and_reload(tmp_path):
 
     from dq.nn import swap_layers
     from dq.pipelines.backend import attach_quantizer
-    from dq.pipelines.walker import select_layers
+    from dq.nn.select import select_layers
     from dq.recipes import load_recipe
     from tiny_pipelines import build
 
@@ -144,13 +144,3 @@ def test_non_finite_activation_names_layer_and_step():
     with pytest.raises(DQError, match=r"layer 'lin' at step 2"):
         calibrate_activations(toy, {"lin": toy.lin}, data, "minmax", groups=1, batch_size=4)
 
-
-def test_capture_layers_is_bounded_and_exact():
-    from dq.calib.capture import capture_layers
-
-    toy = Toy()
-    data = _data()
-    io = capture_layers(toy, data, ["lin"], max_rows=40, batch_size=2)
-    x, y = io["lin"]
-    assert x.shape == (40, 8) and y.shape == (40, 8)
-    assert torch.allclose(toy.lin(x), y, atol=1e-5)

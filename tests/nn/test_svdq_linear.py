@@ -33,7 +33,7 @@ def test_unquantized_decomposition_is_the_float_layer():
     lin, x = layer_and_input()
     layer = SVDQLinear.from_float(lin, *SPECS["w4a4"], rank=16)
     smooth = torch.rand(128) + 0.5
-    from dq.calib.lowrank import low_rank
+    from dq.quant.lowrank import low_rank
 
     lr = low_rank(lin.weight.detach() * smooth.half().float(), 16)
     layer.set_decomposition(smooth, lr.up, lr.down, lin.weight.detach())
@@ -97,7 +97,7 @@ def test_plan_roundtrip():
 def test_save_reload_bit_identical(tmp_path):
     pipe, kw = build("pixart")
     recipe = dataclasses.replace(load_recipe("svdquant-w4a4"), options={"rank": 8, "num_grids": 3, "act_shift": True})
-    from dq.calib.collect import CalibConfig
+    from dq import CalibConfig
 
     cfg = CalibConfig(prompts=["p"], steps=2, samples=1, batch_size=1, pipeline_kwargs=dict(kw))
     dq.quantize(pipe, recipe, calib=cfg)

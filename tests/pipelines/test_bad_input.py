@@ -130,9 +130,17 @@ def test_quantize_at_load_time_with_config(tmp_path):
 def test_load_time_config_refuses_calibrated_recipe(tmp_path):
     pipe, _ = build("pixart")
     pipe.transformer.save_pretrained(tmp_path / "fp")
-    recipe = {**load_recipe("w8a8").to_dict(), "name": "needs-data", "needs_data": True}
+    recipe = {**load_recipe("w8a8").to_dict(), "name": "needs-data", "method": "timestep"}
     with pytest.raises(dq.DQError, match="calibrates on data"):
         PixArtTransformer2DModel.from_pretrained(tmp_path / "fp", quantization_config=dq.DQConfig(recipe))
+
+
+def test_recipe_needs_data_is_the_methods():
+    """needs_data follows from the method; a checkpoint's legacy field is accepted only when it agrees."""
+    legacy = {**load_recipe("w8a8").to_dict(), "needs_data": False}
+    assert not dq.Recipe.from_dict(legacy).needs_data
+    with pytest.raises(dq.DQError, match="needs_data=True contradicts method 'rtn'"):
+        dq.Recipe.from_dict({**legacy, "needs_data": True})
 
 
 def test_pipeline_quantization_config_backend(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dq
-from dq.calib.collect import CalibConfig
+from dq import CalibConfig
 from dq.nn import QuantLinear, SVDQLinear
 from dq.pipelines.lora import svdq_lora_linear_class
 from dq.recipes import load_recipe

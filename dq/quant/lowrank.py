@@ -10,13 +10,22 @@ leaves behind: L <- SVD_r(W - Q(W - L)), deepcompressor's iterative low-rank cal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import torch
 
 from dq.errors import DQError
 
-SVD_METHODS = ("randomized", "exact")
+
+
+class SVDMethod(str, Enum):
+    """How the truncated SVD is computed."""
+
+    RANDOMIZED = "randomized"
+    """torch.svd_lowrank with a fixed-seed sketch (Halko et al.), in float32."""
+    EXACT = "exact"
+    """torch.linalg.svd in float64."""
 
 
 @dataclass
@@ -52,13 +61,13 @@ def check_rank(rank: int, out_features: int, in_features: int, name: str = "laye
         )
 
 
-def low_rank(w: torch.Tensor, rank: int, method: str = "randomized", niter: int = 4, seed: int = 0) -> LowRank:
+def low_rank(w: torch.Tensor, rank: int, method: SVDMethod = SVDMethod.RANDOMIZED, niter: int = 4, seed: int = 0) -> LowRank:
     """The truncated SVD of a 2-D weight, rank `rank`, split as up = U_r S_r and down = V_r^T.
 
     Args:
         w: [out, in] weight (any float dtype; computed in float32, float64 for `exact`).
         rank: r; 0 gives empty factors.
-        method: "randomized" (torch.svd_lowrank with `niter` power iterations) or "exact".
+        method: randomized (torch.svd_lowrank with `niter` power iterations) or exact.
         niter: subspace (power) iterations of the randomized SVD; 4 makes its error within a few
             percent of the optimum for the spectra of diffusion weights.
         seed: the randomized SVD's Gaussian test matrix is drawn from this seed (reproducible).
@@ -69,11 +78,11 @@ def low_rank(w: torch.Tensor, rank: int, method: str = "randomized", niter: int 
     """
     out_f, in_f = w.shape
     check_rank(rank, out_f, in_f)
-    if method not in SVD_METHODS:
-        raise DQError(f"unknown SVD method {method!r}; allowed: {', '.join(SVD_METHODS)}.")
+    if method not in [m.value for m in SVDMethod]:
+        raise DQError(f"unknown SVD method {method!r}; allowed: {', '.join(m.value for m in SVDMethod)}.")
     if rank == 0:
         return LowRank(w.new_zeros(out_f, 0, dtype=torch.float32), w.new_zeros(0, in_f, dtype=torch.float32))
-    if method == "exact" or rank * 2 >= min(out_f, in_f):
+    if method == SVDMethod.EXACT or rank * 2 >= min(out_f, in_f):
         # Exact SVD in float64; also used when the randomized sketch would cover most of the spectrum.
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         return LowRank((u[:, :rank] * s[:rank]).float(), vh[:rank].float())
@@ -89,7 +98,7 @@ def refine_low_rank(
     lowrank: LowRank,
     quantize: Callable[[torch.Tensor], torch.Tensor],
     iterations: int,
-    method: str = "randomized",
+    method: SVDMethod = SVDMethod.RANDOMIZED,
     niter: int = 4,
 ) -> LowRank:
     """Re-fit the low-rank part so that L + Q(W - L) approximates W: L <- SVD_r(W - Q(W - L)).
@@ -120,7 +129,7 @@ def refine_low_rank(
     return best
 
 
-def shared_low_rank(weights: list[torch.Tensor], rank: int, method: str = "randomized", niter: int = 4) -> list[LowRank]:
+def shared_low_rank(weights: list[torch.Tensor], rank: int, method: SVDMethod = SVDMethod.RANDOMIZED, niter: int = 4) -> list[LowRank]:
     """One SVD of layers that read the same input (q, k, v): a shared `down` (V_r^T), per-layer `up` rows.
 
     The rows of the stacked weight [sum(out), in] split back into each layer's `up`, so the layers can
