@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dq.cache.api import disable_cache, enable_cache, record_trajectory
-from dq.cache.block_cache import BlockCacheConfig, apply_block_cache
+from dq.cache.block_cache import BlockCacheConfig, apply_block_cache, resolve_range
+from dq.cache.blocks import dit_blocks
 from dq.cache.config import CacheConfig, register_cache_method
 from dq.nn.denoiser import find_denoiser
 from dq.cache.dec import DEC_FITS, LAYER_HOOK, OutputAffineHook, channel_affine_fit
@@ -115,9 +116,6 @@ def consumer_layers(denoiser: nn.Module, config: CacheQuantConfig) -> dict[str, 
         first_run = names[names.index(plan.feature) + 1]
         picks = [f"{first_run}.conv_shortcut", f"{first_run}.conv1"]
     else:
-        from dq.cache.block_cache import resolve_range
-        from dq.cache.blocks import dit_blocks
-
         blocks = dit_blocks(denoiser)
         _, end = resolve_range(base.blocks, len(blocks), type(denoiser).__name__)
         if end >= len(blocks):

@@ -35,7 +35,7 @@ def w4_linear(
 ) -> Tensor:
     """INT4 weights (groups of group_size along K) with INT4 (act_bits=4, same groups) or INT8 per-token activations."""
     if x.is_cuda:
-        from dq.kernels.w4a4_gemm import w4_linear as triton_w4_linear
+        from dq.kernels.w4a4_gemm import w4_linear as triton_w4_linear  # Triton loads on the first CUDA call only
 
         return triton_w4_linear(x, qweight, weight_scale, bias, group_size, act_bits, smooth, lora_down, lora_up)
     spec = QuantSpec("int4", PerToken(group_size)) if act_bits == 4 else QuantSpec("int8", PerToken())
@@ -54,7 +54,7 @@ def w8a8_linear(
 ) -> Tensor:
     """Per-channel INT8 (or FP8 e4m3, by qweight's dtype) weights with per-token activations of the same format."""
     if x.is_cuda:
-        from dq.kernels.w8a8_gemm import w8a8_linear as launch
+        from dq.kernels.w8a8_gemm import w8a8_linear as launch  # Triton loads on the first CUDA call only
 
         return launch(x, qweight, weight_scale, bias, smooth, lora_down, lora_up)
     fmt = "int8" if qweight.dtype == torch.int8 else "fp8_e4m3"
@@ -73,7 +73,7 @@ def w4a16_linear(
 ) -> Tensor:
     """Weight-only INT4 (groups of group_size along K), 16-bit activations."""
     if x.is_cuda:
-        from dq.kernels.w4a16_gemm import w4a16_linear as launch
+        from dq.kernels.w4a16_gemm import w4a16_linear as launch  # Triton loads on the first CUDA call only
 
         return launch(x, qweight, weight_scale, bias, group_size, smooth, lora_down, lora_up)
     return _reference(x, qweight, weight_scale, bias, smooth, lora_down, lora_up, "int4", None)

@@ -25,6 +25,7 @@ from dq.errors import DQError
 from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
 from dq.kernels.tuning import launch, m_key
+from dq.kernels.w4a4_mma8 import mma8_mode, w4a4_mma8_linear
 
 
 @triton.jit
@@ -149,8 +150,6 @@ def w4_linear(
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
     if act_bits == 4 and mma8 is not False:
-        from dq.kernels.w4a4_mma8 import mma8_mode, w4a4_mma8_linear
-
         mode = mma8_mode(x.device) if mma8 is None else mma8
         if mode:
             return w4a4_mma8_linear(x, qweight, weight_scale, bias, group_size, smooth, lora_down, lora_up, mode)

@@ -42,6 +42,7 @@ from dq.errors import DQError
 from dq.kernels.act_quant import BYTE_SCALE, FMT_INT4_FP8, FMT_INT4_I8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
 from dq.kernels.tuning import launch, m_key
+from dq.quant import unpack_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +228,6 @@ def self_check(device: torch.device, mode: str) -> bool:
     Covers what the CPU interpreter cannot: the tensor cores' handling of e4m3 subnormals, the
     accumulation's precision on group sums up to 64 * 8 * 15, and the inline-PTX conversion.
     """
-    from dq.quant import unpack_4bit
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     M, N, K = 70, 150, 192
     codes = torch.randint(-8, 8, (M, K), generator=gen)

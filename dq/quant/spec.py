@@ -8,7 +8,7 @@ import torch
 
 from dq.errors import DQError
 from dq.quant.formats import NumberFormat, get_format
-from dq.quant.granularity import Granularity, PerTensor, PerToken
+from dq.quant.granularity import Granularity, PerTensor, PerToken, granularity_from_name, granularity_name
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,6 @@ def dynamic_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 
 def spec_to_dict(spec: QuantSpec) -> dict:
     """JSON-safe form of a spec (the form stored in quantization_config)."""
-    from dq.quant.granularity import granularity_name
-
     g = spec.granularity
     return {
         "format": spec.format,
@@ -133,8 +131,6 @@ def spec_to_dict(spec: QuantSpec) -> dict:
 
 def spec_from_dict(d: dict) -> QuantSpec:
     """Inverse of spec_to_dict; unknown keys are errors naming them."""
-    from dq.quant.granularity import granularity_from_name
-
     allowed = {"format", "granularity", "group_size", "symmetric", "scale_format"}
     unknown = set(d) - allowed
     if unknown:
