@@ -24,8 +24,7 @@ from dq.cache import CACHE_METHODS
 from dq.cache.handle import handle_of
 from dq.cli import build_parser
 from dq.commands.app import config_from_args
-from dq.errors import DQError
-from dq.evaluation.variants import FP, Variant, parse_variants
+from dq.evaluation.variants import FP, Variant
 from dq.metrics import LPIPS
 
 STEPS = 2
@@ -108,20 +107,8 @@ def test_compose_variants_puts_fp_first_and_crosses_caches():
     assert compose_variants([], [], "w8a8+deepcache:interval=5,branch=0") == [FP, "w8a8+deepcache:interval=5,branch=0"]
 
 
-def test_parse_variants_adds_fp_and_rejects_unknown_recipes():
-    specs = parse_variants(["w8a8", "w4a16"])
-    assert [s.name for s in specs] == ["fp", "w8a8", "w4a16"]
-    assert specs[0].is_fp and specs[1].recipe == "w8a8" and not specs[1].is_fp
-    with pytest.raises(DQError, match="w8a8"):  # the message lists the bundled recipes
-        parse_variants(["no-such-recipe"])
-
-
-def test_cache_variants_come_from_the_cache_registry():
+def test_cache_choices_come_from_the_cache_registry():
     assert cache_choices() == CACHE_METHODS.names()
-    spec = parse_variants(["w8a8+deepcache:interval=4"])[1]
-    assert spec.recipe == "w8a8" and spec.cache.interval == 4 and not spec.is_fp
-    with pytest.raises(DQError):
-        parse_variants(["w8a8+no-such-cache"])
 
 
 # ---------------------------------------------------------------- scoring, table, media

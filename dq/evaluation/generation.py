@@ -19,6 +19,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -152,8 +153,8 @@ def generate_variant(
     bar = tqdm(total=sum(len(items) for _, items in todo), desc=f"dq eval: generating {variant.name}",
                unit="img", disable=not show_progress)
     for batch_id, items in todo:
-        call = timed_call(lambda: pipe(prompt=[it.prompt for it in items], generator=_generators(items), **kwargs),
-                          denoiser, device)
+        run_batch = partial(pipe, prompt=[it.prompt for it in items], generator=_generators(items), **kwargs)
+        call = timed_call(run_batch, denoiser, device)
         pixels = to_uint8(np.asarray(call.output.frames if video else call.output.images))
         for it, image in zip(items, pixels):
             path = run.image_path(variant.name, it.index, it.seed, video)

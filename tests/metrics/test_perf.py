@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from dq.metrics import StepTimer, measure_pipeline, peak_memory
+from dq.metrics import StepTimer, measure_pipeline, peak_memory, timed_call, warm_up
 from dq.sizes import module_bytes
 
 
@@ -67,3 +67,13 @@ def test_measure_pipeline_reports_medians_after_warmup():
     assert result.weight_bytes == module_bytes(denoiser)
     assert result.peak_memory_bytes > 0 and result.device == "cpu"
     assert set(result.to_dict()) >= {"latency_per_image_s", "latency_per_step_s", "peak_memory_bytes"}
+
+
+def test_timed_call_returns_the_output_with_its_timings_and_warm_up_runs_one_step():
+    denoiser = TinyDenoiser()
+    call = timed_call(fake_pipeline(denoiser, steps=3), denoiser, "cpu")
+    assert call.output.shape == (2, 8) and call.denoiser_calls == 3
+    assert 0 < sum(call.step_seconds) <= call.seconds and call.peak.bytes > 0
+    seen = []
+    warm_up(lambda **kwargs: seen.append(kwargs), prompt="p", num_inference_steps=20)
+    assert seen == [{"prompt": "p", "num_inference_steps": 1}]
