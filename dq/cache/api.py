@@ -16,7 +16,6 @@ from dq.errors import DQError
 from dq.nn.denoiser import find_denoiser
 
 
-
 def _num_steps_fn(pipe: Any) -> Callable[[], int | None]:
     scheduler = getattr(pipe, "scheduler", None)
 

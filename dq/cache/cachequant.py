@@ -23,12 +23,12 @@ from dq.cache.api import disable_cache, enable_cache, record_trajectory
 from dq.cache.block_cache import BlockCacheConfig, apply_block_cache, resolve_range
 from dq.cache.blocks import dit_blocks
 from dq.cache.config import CacheConfig, register_cache_method
-from dq.nn.denoiser import find_denoiser
 from dq.cache.dec import DEC_FITS, LAYER_HOOK, OutputAffineHook, channel_affine_fit
 from dq.cache.deepcache import DeepCacheConfig, apply_deepcache, plan_deepcache
 from dq.cache.handle import CacheHandle, FeatureCorrection
 from dq.cache.schedule import dp_schedule, l1_cost_matrix, validate_refresh_steps
 from dq.errors import DQError
+from dq.nn.denoiser import find_denoiser
 
 CONFIG_FILE = "dq_cache.json"
 TENSOR_FILE = "dq_cache.safetensors"

@@ -12,9 +12,13 @@ codes and `deploy()` packs them.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from dq.calib.state import quant_state
 from dq.errors import DQError
 from dq.nn.quantizer import WeightQuantizer
 from dq.quant import QuantSpec
@@ -124,3 +128,38 @@ def harden(roundings: list[AdaRound]) -> None:
     for r in roundings:
         r.soft = False
         r.alpha.requires_grad_(False)
+
+
+def adaround(
+    scope: nn.Module,
+    layers: dict[str, nn.Module],
+    train_loss: Callable[[], torch.Tensor],
+    eval_loss: Callable[[], torch.Tensor],
+    iters: int,
+    lr: float,
+    reg: float,
+    warmup: float,
+    b_range: tuple[float, float],
+    desc: str | None = None,
+) -> float:
+    """Learn the rounding of `layers`' weights (inside `scope`) by Adam on `train_loss` + the rounding loss.
+
+    Weights are quantized and activations float throughout; the rounding is hardened at the end.
+    Returns eval_loss after / eval_loss with nearest rounding (below 1: the learned rounding helps).
+    """
+    with quant_state(scope, weights=True, acts=False), torch.no_grad():
+        nearest = float(eval_loss())
+    roundings = [r for name, layer in layers.items() for r in attach_adaround(name, layer)]
+    opt = torch.optim.Adam([r.alpha for r in roundings], lr=lr)
+    decay = TempDecay(iters, warmup, b_range)
+    steps = range(iters) if desc is None else tqdm(range(iters), desc=desc, leave=False)
+    with quant_state(scope, weights=True, acts=False), torch.enable_grad():
+        for it in steps:
+            loss = train_loss() + rounding_loss(roundings, it, decay, reg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    harden(roundings)
+    with quant_state(scope, weights=True, acts=False), torch.no_grad():
+        learned = float(eval_loss())
+    return learned / max(nearest, 1e-30)

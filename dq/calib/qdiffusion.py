@@ -35,7 +35,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.calib.adaround import RECON_LAYER_KINDS, TempDecay, attach_adaround, harden, lp_loss, rounding_loss, weight_quantizers_of
+from dq.calib.adaround import RECON_LAYER_KINDS, adaround, lp_loss, weight_quantizers_of
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
 from dq.calib.capture import Captured, capture_io, forward_order, outputs_of
 from dq.calib.data import CalibData
@@ -210,23 +210,13 @@ def reconstruct_weights(
 
 
 def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: list[Captured], opts: ReconConfig, rng: random.Random, device: torch.device, grouped: bool) -> float:
-    """AdaRound one unit's layers; returns the learned / nearest-rounding reconstruction loss ratio."""
-    with quant_state(module, weights=True, acts=False), torch.no_grad():
-        nearest = sum(float(_unit_loss(module, b, device, grouped)) for b in batches)
-    roundings = [r for n, layer in members.items() for r in attach_adaround(n, layer)]
-    opt = torch.optim.Adam([r.alpha for r in roundings], lr=opts.lr)
-    decay = TempDecay(opts.iters, opts.warmup, (opts.b_start, opts.b_end))
-    with quant_state(module, weights=True, acts=False), torch.enable_grad():
-        for it in range(opts.iters):
-            loss = _unit_loss(module, batches[rng.randrange(len(batches))], device, grouped)
-            loss = loss + rounding_loss(roundings, it, decay, opts.reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    harden(roundings)
-    with quant_state(module, weights=True, acts=False), torch.no_grad():
-        learned = sum(float(_unit_loss(module, b, device, grouped)) for b in batches)
-    return learned / max(nearest, 1e-30)
+    """AdaRound one unit's layers on its captured batches; returns the learned / nearest-rounding loss ratio."""
+    return adaround(
+        module, members,
+        train_loss=lambda: _unit_loss(module, batches[rng.randrange(len(batches))], device, grouped),
+        eval_loss=lambda: sum(_unit_loss(module, b, device, grouped) for b in batches),
+        iters=opts.iters, lr=opts.lr, reg=opts.reg, warmup=opts.warmup, b_range=(opts.b_start, opts.b_end),
+    )
 
 
 def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig) -> None:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from fnmatch import fnmatch
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
 from dq.calib.data import CalibData
 from dq.calib.gptq import gptq_quantize
-from dq.quant.lowrank import LowRank, SVDMethod, low_rank, refine_low_rank, shared_low_rank
 from dq.calib.smooth import LayerInputs, alpha_beta_grid, capture_layer_inputs, first_guess_alpha, search_smoothing
 from dq.errors import DQError
 from dq.nn import LayerPlan, SVDQLinear
 from dq.nn.base import QuantLayerMixin
 from dq.nn.select import LayerSelection
-from dq.quant import PerToken, QuantSpec, fake_quantize
+from dq.quant import QuantSpec, fake_quantize
+from dq.quant.lowrank import LowRank, SVDMethod, low_rank, refine_low_rank, shared_low_rank
 
 if TYPE_CHECKING:
     from dq.recipes import Recipe

@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from dq.calib.adaround import TempDecay, attach_adaround, harden, rounding_loss
+from dq.calib.adaround import adaround
 from dq.calib.base import Calibrator, Sampling, register_calibrator
 from dq.calib.data import CalibData
 from dq.calib.qdiffusion import ReconConfig, _check_layers, apply_split_shortcuts, frozen_parameters, init_weight_scales, reconstruct_weights
@@ -168,21 +167,7 @@ def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, 
         outs = tib.outputs(t)
         return sum(((o.float() - y.float()) ** 2).mean() for o, y in zip(outs, targets))
 
-    with quant_state(denoiser, weights=True, acts=False), torch.no_grad():
-        nearest = float(loss_fn())
-    roundings = [r for n, layer in members.items() for r in attach_adaround(n, layer)]
-    opt = torch.optim.Adam([r.alpha for r in roundings], lr=opts.lr)
-    decay = TempDecay(iters, opts.warmup, (opts.b_start, opts.b_end))
-    with quant_state(denoiser, weights=True, acts=False), torch.enable_grad():
-        for it in tqdm(range(iters), desc="dq: TIAR", leave=False):
-            loss = loss_fn() + rounding_loss(roundings, it, decay, opts.reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    harden(roundings)
-    with quant_state(denoiser, weights=True, acts=False), torch.no_grad():
-        learned = float(loss_fn())
-    return learned / max(nearest, 1e-30)
+    return adaround(denoiser, members, loss_fn, loss_fn, iters, opts.lr, opts.reg, opts.warmup, (opts.b_start, opts.b_end), desc="dq: TIAR")
 
 
 @register_calibrator(TFMQConfig)

@@ -172,7 +172,6 @@ def calibrate_activations(
     if n_groups == 1:
         ranges = None  # one group is a plain static quantizer
     device = next(denoiser.parameters()).device
-    dtype = next(denoiser.parameters()).dtype
     for q in quantizers.values():
         q.set_groups(n_groups, device=device)
         if ranges is not None:

@@ -18,7 +18,6 @@ import torch
 from dq.errors import DQError
 
 
-
 class SVDMethod(str, Enum):
     """How the truncated SVD is computed."""
 
