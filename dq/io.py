@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -67,8 +68,21 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """The prompts of a text file: one per line, blank lines and lines starting with '#' left out."""
+    """The prompts of a file: a JSON list of strings (.json), else text with one prompt per line (blank lines
+    and lines starting with '#' left out). Read as UTF-8; anything unreadable is a DQError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DQError(f"prompt file {str(path)!r} does not exist; pass an existing text file with one prompt per line.")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DQError(f"cannot read prompt file {str(path)!r}: {e}; pass a UTF-8 text or JSON file.") from None
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DQError(f"prompt file {str(path)!r} is not valid JSON: {e}.") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise DQError(f"prompt file {str(path)!r} must hold a JSON list of strings.")
+        return [p.strip() for p in prompts if p.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -15,8 +15,11 @@ from dq.cache.state import CacheStats, replay_state
 from dq.errors import DQError
 from dq.nn.denoiser import find_denoiser
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
-def _num_steps_fn(pipe: Any) -> Callable[[], int | None]:
+
+def _num_steps_fn(pipe: DiffusionPipeline) -> Callable[[], int | None]:
     scheduler = getattr(pipe, "scheduler", None)
 
     def num_steps() -> int | None:
@@ -45,7 +48,7 @@ def make_config(config_or_name: CacheConfig | str, **overrides: Any) -> CacheCon
     return cls(**overrides)
 
 
-def enable_cache(pipe: Any, config_or_name: CacheConfig | str = "deepcache", **overrides: Any) -> CacheHandle:
+def enable_cache(pipe: DiffusionPipeline, config_or_name: CacheConfig | str = "deepcache", **overrides: Any) -> CacheHandle:
     """Enable a step cache on a pipeline's denoiser, as diffusers ModelHooks.
 
     Args:
@@ -80,7 +83,7 @@ def enable_cache(pipe: Any, config_or_name: CacheConfig | str = "deepcache", **o
     return handle
 
 
-def disable_cache(pipe: Any) -> None:
+def disable_cache(pipe: DiffusionPipeline) -> None:
     """Remove dq's cache hooks from the pipeline's denoiser; the uncached forward is restored exactly.
 
     Example:
@@ -94,12 +97,12 @@ def disable_cache(pipe: Any) -> None:
     delattr(denoiser, HANDLE_ATTR)
 
 
-def cache_stats(pipe: Any) -> CacheStats:
+def cache_stats(pipe: DiffusionPipeline) -> CacheStats:
     """Evaluation counters of the enabled cache (DQError if none is enabled)."""
     return _handle(pipe).stats
 
 
-def _handle(pipe: Any) -> CacheHandle:
+def _handle(pipe: DiffusionPipeline) -> CacheHandle:
     handle = handle_of(find_denoiser(pipe))
     if handle is None:
         raise DQError("no dq cache is enabled on this pipeline; call dq.enable_cache(pipe, ...) first.")
@@ -107,7 +110,7 @@ def _handle(pipe: Any) -> CacheHandle:
 
 
 @contextlib.contextmanager
-def recording(pipe: Any, recorder: Recorder, every_step: bool = False) -> Iterator[CacheHandle]:
+def recording(pipe: DiffusionPipeline, recorder: Recorder, every_step: bool = False) -> Iterator[CacheHandle]:
     """Within the block, call `recorder(step, feature)` whenever the cache computes its feature.
 
     every_step=True refreshes at every step (the uncached model), which records the full trajectory F_t.
@@ -154,7 +157,7 @@ class CalibrationReplay:
             hook.pinned = None
 
 
-def calibration_replay(pipe: Any) -> CalibrationReplay | None:
+def calibration_replay(pipe: DiffusionPipeline) -> CalibrationReplay | None:
     """The replay of the cache enabled on the pipeline's denoiser, or None when none is enabled.
 
     DQError for an adaptive cache (first-block-cache): whether a step is cached depends on the quantized
@@ -171,7 +174,7 @@ def calibration_replay(pipe: Any) -> CalibrationReplay | None:
     return CalibrationReplay(handle, find_denoiser(pipe))
 
 
-def record_trajectory(pipe: Any, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+def record_trajectory(pipe: DiffusionPipeline, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
     """Run `pipe(**call)` for each call with every step refreshed; return the feature per call and step.
 
     Needs an enabled cache (it defines which feature is cached). Features are stored on CPU in float32.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,7 +28,11 @@ from dq.cache.deepcache import DeepCacheConfig, apply_deepcache, plan_deepcache
 from dq.cache.handle import CacheHandle, FeatureCorrection
 from dq.cache.schedule import dp_schedule, l1_cost_matrix, validate_refresh_steps
 from dq.errors import DQError
+from dq.io import atomic_file
 from dq.nn.denoiser import find_denoiser
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 CONFIG_FILE = "dq_cache.json"
 TENSOR_FILE = "dq_cache.safetensors"
@@ -78,15 +82,19 @@ class CacheQuantConfig(CacheConfig):
         return BlockCacheConfig(blocks=self.blocks, **shared)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write dq_cache.json (schedule, fields) and dq_cache.safetensors (DEC tensors) into `directory`."""
-        os.makedirs(directory, exist_ok=True)
+        """Write dq_cache.json (schedule, fields) and dq_cache.safetensors (DEC tensors) into `directory`.
+
+        Each file is replaced atomically, the tensors first: an interrupted save leaves the previous config
+        (or none) readable, never a half-written one.
+        """
         tensors = {f"feature_scale.{k}": v for k, v in self.feature_scale.items()}
         tensors |= {f"feature_shift.{k}": v for k, v in self.feature_shift.items()}
         tensors |= {f"layer_scale.{k}": v for k, v in self.layer_scale.items()}
         tensors |= {f"layer_shift.{k}": v for k, v in self.layer_shift.items()}
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(self.to_json())
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, TENSOR_FILE))
+        with atomic_file(os.path.join(directory, TENSOR_FILE)) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with atomic_file(os.path.join(directory, CONFIG_FILE)) as tmp:
+            tmp.write_text(self.to_json())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "CacheQuantConfig":
@@ -150,10 +158,10 @@ def _segment_start(refresh_steps: tuple[int, ...], step: int) -> int:
 
 
 def calibrate_cachequant(
-    pipe: Any,
+    pipe: DiffusionPipeline,
     calls: list[dict[str, Any]],
     interval: int = 5,
-    fp_pipe: Any = None,
+    fp_pipe: DiffusionPipeline = None,
     dec: str | None = "affine",
     **fields: Any,
 ) -> CacheQuantConfig:
@@ -207,7 +215,7 @@ def calibrate_cachequant(
     return config
 
 
-def _trajectories(pipe: Any, config: CacheQuantConfig, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+def _trajectories(pipe: DiffusionPipeline, config: CacheQuantConfig, calls: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
     enable_cache(pipe, config)
     try:
         return record_trajectory(pipe, calls)
@@ -215,7 +223,7 @@ def _trajectories(pipe: Any, config: CacheQuantConfig, calls: list[dict[str, Any
         disable_cache(pipe)
 
 
-def _fit_layer_correction(pipe: Any, fp_pipe: Any, calls: list[dict[str, Any]], config: CacheQuantConfig) -> None:
+def _fit_layer_correction(pipe: DiffusionPipeline, fp_pipe: DiffusionPipeline, calls: list[dict[str, Any]], config: CacheQuantConfig) -> None:
     """Per output channel of each consumer layer: FP output ~ a * quantized output + b on cached-step inputs."""
     denoiser, fp_modules = find_denoiser(pipe), dict(find_denoiser(fp_pipe).named_modules())
     layers = consumer_layers(denoiser, config)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from dq.cache.state import CacheState, CacheStateManager, CacheStats, StepHook
+
+if TYPE_CHECKING:
+    from dq.cache.config import CacheConfig
 
 HANDLE_ATTR = "_dq_cache"
 STEP_HOOK = "dq_cache_step"
@@ -82,7 +85,7 @@ class CacheHandle:
             root.invalidate_child_registries_cache()
 
 
-def install(denoiser: nn.Module, config: Any, num_steps_fn: Callable[[], int | None]) -> CacheHandle:
+def install(denoiser: nn.Module, config: CacheConfig, num_steps_fn: Callable[[], int | None]) -> CacheHandle:
     """Create the handle and the denoiser-level step hook; the method then registers its block hooks."""
     manager = CacheStateManager(CacheState)
     stats = CacheStats()

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from dq.errors import DQError
+
+if TYPE_CHECKING:
+    from dq.cache.config import CacheConfig
 
 DEFAULT_CONTEXT = "default"
 
@@ -115,7 +118,7 @@ class StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, manager: CacheStateManager, config: Any, num_steps_fn: Callable[[], int | None],
+    def __init__(self, manager: CacheStateManager, config: CacheConfig, num_steps_fn: Callable[[], int | None],
                  stats: CacheStats) -> None:
         super().__init__()
         self.manager = manager
