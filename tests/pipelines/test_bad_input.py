@@ -135,6 +135,17 @@ def test_load_time_config_refuses_calibrated_recipe(tmp_path):
         PixArtTransformer2DModel.from_pretrained(tmp_path / "fp", quantization_config=dq.DQConfig(recipe))
 
 
+def test_checkpoint_written_with_needs_data_in_its_recipe_still_loads(saved_transformer, tmp_path):
+    """Checkpoints from before needs_data became the method's carry it in quantization_config.recipe."""
+    legacy = _tamper(saved_transformer, tmp_path, lambda tensors: None)
+    config = json.loads((legacy / "config.json").read_text())
+    config["quantization_config"]["recipe"]["needs_data"] = False
+    (legacy / "config.json").write_text(json.dumps(config))
+    old = PixArtTransformer2DModel.from_pretrained(legacy)
+    new = PixArtTransformer2DModel.from_pretrained(saved_transformer)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
 def test_recipe_needs_data_is_the_methods():
     """needs_data follows from the method; a checkpoint's legacy field is accepted only when it agrees."""
     legacy = {**load_recipe("w8a8").to_dict(), "needs_data": False}
