@@ -8,6 +8,10 @@ Each process scores its own batches; the metrics are torchmetrics states, so ``c
 across processes (per-image scores are concatenated and ordered by prompt index; FID feature sums are
 summed). Scores are computed on the PNGs on disk, so a resumed run scores exactly what an uninterrupted one
 would.
+
+Each metric is built by the ``MetricBuilder`` registered under its name in ``BUILDERS`` (``@builds("fid", ...)``);
+a metric that needs no settings (PSNR, SSIM) registers none and is built by calling its ``dq.metrics.METRICS``
+class with no arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from dq.evaluation.variants import Variant
 from dq.metrics import FID, LPIPS, METRICS, HFCLIPScore, OpenCLIPScore, load_open_clip
 from dq.metrics.base import PerImageMetric
 from dq.reference.clip import clip_checkpoint, domain_clip
+from dq.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,84 @@ class _Clip:
     weights: Optional[str] = None
 
 
+@dataclass
+class BuildContext:
+    """What a metric builder reads: the scoring settings, the model kind, the device and the run's one CLIP model."""
+
+    scoring: ScoringConfig
+    reference_domain: bool
+    device: torch.device
+    _clip: Optional[tuple[Optional[_Clip], Optional[DQError]]] = field(default=None, init=False, repr=False)
+
+    def clip(self) -> Optional[_Clip]:
+        """The CLIP model of --clip-model, resolved on first use and shared by every metric; raises its DQError."""
+        if self._clip is None:
+            try:
+                self._clip = (_resolve_clip(self.scoring, self.reference_domain, self.device), None)
+            except DQError as error:
+                self._clip = (None, error)
+        clip, error = self._clip
+        if error is not None:
+            raise error
+        return clip
+
+    def fid_backbone(self) -> str:
+        """The FID backbone: --fid-backbone, else the domain CLIP for reference pipelines and Inception otherwise."""
+        return self.scoring.fid_backbone or ("clip" if self.reference_domain else "inception")
+
+
+Build = Callable[[BuildContext], EvalMetric]  # constructs one metric; a DQError means it cannot be built here
+
+
+def _no_flags(scoring: ScoringConfig) -> tuple[Any, ...]:
+    return ()
+
+
+def _own_settings(metric: EvalMetric, ctx: BuildContext) -> dict[str, Any]:
+    return metric.settings()
+
+
+@dataclass(frozen=True)
+class MetricBuilder:
+    """How eval builds one metric of ``dq.metrics.METRICS`` from the run's settings.
+
+    Args:
+        build: Construct the metric; raise a DQError when it cannot be (missing weights or dependency).
+        flags: The user's settings of this metric; any of them set makes a failure an error instead of a skip.
+        record: The settings recorded in ``results.json`` for the constructed metric.
+        real_twin: For reference pipelines, also build a second one scored against real images (``fid_real``).
+    """
+
+    build: Build
+    flags: Callable[[ScoringConfig], tuple[Any, ...]] = _no_flags
+    record: Callable[[EvalMetric, BuildContext], dict[str, Any]] = _own_settings
+    real_twin: bool = False
+
+    def configured(self, scoring: ScoringConfig) -> bool:
+        """Whether the user set a flag of this metric (then a failure is an error, not a skip)."""
+        return any(v is not None for v in self.flags(scoring))
+
+
+BUILDERS: Registry[MetricBuilder] = Registry("eval metric builder")
+
+
+def builds(name: str, **options: Any) -> Callable[[Build], Build]:
+    """Register the decorated function as the builder of metric ``name`` (``options``: the other MetricBuilder fields)."""
+
+    def decorator(build: Build) -> Build:
+        BUILDERS.add(name, MetricBuilder(build, **options))
+        return build
+
+    return decorator
+
+
+def builder(name: str) -> MetricBuilder:
+    """The builder registered for ``name``, or the default one: the ``METRICS`` class constructed without arguments."""
+    if name in BUILDERS:
+        return BUILDERS.get(name)
+    return MetricBuilder(build=lambda ctx: METRICS.get(name)())
+
+
 def build_metrics(scoring: ScoringConfig, reference_domain: bool, device: torch.device) -> MetricSet:
     """Construct every metric the run will report; missing weights raise here, before any image is generated.
 
@@ -82,57 +165,22 @@ def build_metrics(scoring: ScoringConfig, reference_domain: bool, device: torch.
     if not names:
         raise DQError("--metrics is empty; expected some of " + ", ".join(EVAL_METRICS) + ".")
     result = MetricSet()
-    clip: Optional[_Clip] = None
-    clip_error: Optional[DQError] = None
-    if "clip" in names or (scoring.fid_backbone in (None, "clip") and "fid" in names):
-        try:
-            clip = _resolve_clip(scoring, reference_domain, device)
-        except DQError as error:
-            clip_error = error
+    ctx = BuildContext(scoring, reference_domain, device)
     for name in names:
+        spec = builder(name)
         try:
-            if name == "clip":
-                if clip is None:
-                    raise clip_error or DQError(
-                        "the clip metric needs a CLIP model and dq downloads none: pass --clip-model "
-                        "(an open_clip name with --clip-weights PATH, local-dir:PATH, or a local transformers CLIP directory)."
-                    )
-                metric = _clip_metric(clip, scoring)
-            elif name == "fid":
-                metric = _fid(scoring, clip, reference_domain, clip_error)
-                if reference_domain:
-                    result.real_fid = _fid(scoring, clip, reference_domain, clip_error)
-            elif name == "lpips":
-                metric = _lpips(scoring)
-            else:
-                metric = METRICS.get(name)()
+            metric = spec.build(ctx)
+            if spec.real_twin and reference_domain:
+                result.real_fid = spec.build(ctx).to(device)
         except DQError as error:
-            if explicit or _configured(name, scoring):
+            if explicit or spec.configured(scoring):
                 raise
             result.skipped[name] = str(error)
             logger.info("dq eval: skipping %s: %s", name, error)
             continue
         result.metrics[name] = metric.to(device)
-        result.settings[name] = metric.settings()
-    if result.real_fid is not None:
-        result.real_fid = result.real_fid.to(device)
-    if clip is not None:
-        # The metrics only see a model object; record which CLIP it was.
-        if "clip" in result.settings:
-            result.settings["clip"].update(backbone=clip.label, weights=clip.weights)
-        if "fid" in result.settings and (scoring.fid_backbone or ("clip" if reference_domain else "inception")) == "clip":
-            result.settings["fid"].update(backbone=clip.label, weights=clip.weights)
+        result.settings[name] = spec.record(metric, ctx)
     return result
-
-
-def _configured(name: str, scoring: ScoringConfig) -> bool:
-    """Whether the user set a flag of this metric (then a failure is an error, not a skip)."""
-    flags = {
-        "fid": (scoring.fid_backbone, scoring.fid_weights),
-        "clip": (scoring.clip_model, scoring.clip_weights),
-        "lpips": (scoring.lpips_weights,),
-    }
-    return any(v is not None for v in flags.get(name, ()))
 
 
 def _resolve_clip(scoring: ScoringConfig, reference_domain: bool, device: torch.device) -> Optional[_Clip]:
@@ -152,22 +200,43 @@ def _resolve_clip(scoring: ScoringConfig, reference_domain: bool, device: torch.
     return _Clip(label=label, open_clip=(model.to(device), tokenizer), weights=scoring.clip_weights)
 
 
-def _clip_metric(clip: _Clip, scoring: ScoringConfig) -> OpenCLIPScore | HFCLIPScore:
+def _clip_settings(metric: EvalMetric, ctx: BuildContext) -> dict[str, Any]:
+    """The metric's settings plus which CLIP it was (the metric only sees a model object)."""
+    clip = ctx.clip()
+    return {**metric.settings(), "backbone": clip.label, "weights": clip.weights}
+
+
+@builds("clip", flags=lambda s: (s.clip_model, s.clip_weights), record=_clip_settings)
+def _clip_metric(ctx: BuildContext) -> OpenCLIPScore | HFCLIPScore:
+    """CLIP score with the --clip-model (open_clip, or a transformers checkpoint directory)."""
+    clip = ctx.clip()
+    if clip is None:
+        raise DQError(
+            "the clip metric needs a CLIP model and dq downloads none: pass --clip-model "
+            "(an open_clip name with --clip-weights PATH, local-dir:PATH, or a local transformers CLIP directory)."
+        )
     if clip.hf_dir is not None:
         return HFCLIPScore(clip.hf_dir)
     model, tokenizer = clip.open_clip
-    return OpenCLIPScore(model, tokenizer=tokenizer, antialias=scoring.antialias)
+    return OpenCLIPScore(model, tokenizer=tokenizer, antialias=ctx.scoring.antialias)
 
 
-def _fid(scoring: ScoringConfig, clip: Optional[_Clip], reference_domain: bool, clip_error: Optional[DQError]) -> FID:
+def _fid_settings(metric: EvalMetric, ctx: BuildContext) -> dict[str, Any]:
+    """The metric's settings, plus which CLIP it was when the backbone is the --clip-model."""
+    if ctx.fid_backbone() == "clip":
+        return _clip_settings(metric, ctx)
+    return metric.settings()
+
+
+@builds("fid", flags=lambda s: (s.fid_backbone, s.fid_weights), record=_fid_settings, real_twin=True)
+def _fid(ctx: BuildContext) -> FID:
     """FID on the backbone --fid-backbone names (default: domain CLIP for reference pipelines, else Inception)."""
-    backbone = scoring.fid_backbone or ("clip" if reference_domain else "inception")
+    scoring, backbone = ctx.scoring, ctx.fid_backbone()
     if backbone == "inception":
         return FID("inception", weights_path=scoring.fid_weights, antialias=scoring.antialias)
     if backbone == "clip":
+        clip = ctx.clip()
         if clip is None or clip.open_clip is None:
-            if clip_error is not None:
-                raise clip_error
             raise DQError(
                 "--fid-backbone clip needs an open_clip model: pass --clip-model (an open_clip name with --clip-weights, "
                 "or local-dir:PATH), or use --fid-backbone inception --fid-weights PATH."
@@ -176,8 +245,10 @@ def _fid(scoring: ScoringConfig, clip: Optional[_Clip], reference_domain: bool, 
     return FID(backbone, weights_path=scoring.fid_weights, antialias=scoring.antialias)
 
 
-def _lpips(scoring: ScoringConfig) -> LPIPS:
-    metric = LPIPS(scoring.lpips_net, weights_path=scoring.lpips_weights)
+@builds("lpips", flags=lambda s: (s.lpips_weights,))
+def _lpips(ctx: BuildContext) -> LPIPS:
+    """LPIPS on --lpips-net with --lpips-weights; a backbone without local weights is a DQError."""
+    metric = LPIPS(ctx.scoring.lpips_net, weights_path=ctx.scoring.lpips_weights)
     if metric.unavailable is not None:
         raise DQError(metric.unavailable)
     return metric
