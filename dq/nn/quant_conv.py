@@ -22,6 +22,13 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     kind = "conv2d"
 
+    def __new__(cls, *args, **kwargs):
+        # PEFT builds a conv LoRA's factors as `type(base_layer)(in, r, kernel, stride, padding, bias=False)`:
+        # torch's own signature (channels first) gets the plain nn.Conv2d those factors are.
+        if args and isinstance(args[0], int):
+            return nn.Conv2d(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
         super().__init__(
             conv.in_channels,

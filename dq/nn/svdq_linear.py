@@ -150,6 +150,26 @@ class SVDQLinear(QuantLinear):
         self.init_weight_scales()
         self._invalidate()
 
+    @torch.no_grad()
+    def extend_branch(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Append factors (down [r', in] on the smoothed input, up [out, r']) to the low-rank branch: the layer
+        then computes its previous output plus ((x/s) down^T) up^T (how a LoRA is fused, dq.pipelines.lora)."""
+        self._buffers["lowrank_down"] = torch.cat([self.lowrank_down, down.to(self.lowrank_down)], 0).contiguous()
+        self._buffers["lowrank_up"] = torch.cat([self.lowrank_up, up.to(self.lowrank_up)], 1).contiguous()
+        self.rank = self.lowrank_down.shape[0]
+        self._invalidate()
+
+    @torch.no_grad()
+    def shrink_branch(self, rank: int) -> None:
+        """Remove the last `rank` factors of the branch (undoes `extend_branch` exactly)."""
+        if not 0 < rank <= self.rank:
+            raise DQError(f"cannot remove {rank} factors from a low-rank branch of rank {self.rank}.")
+        keep = self.rank - rank
+        self._buffers["lowrank_down"] = self.lowrank_down[:keep].contiguous()
+        self._buffers["lowrank_up"] = self.lowrank_up[:, :keep].contiguous()
+        self.rank = keep
+        self._invalidate()
+
     def float_weight(self) -> torch.Tensor:
         """The float weight this layer approximates, (R + L_up L_down) diag(1/s) (unquantized R in simulate mode)."""
         r = self._parameters["weight"].float() if not self.deployed else super().dequantized_weight().float()

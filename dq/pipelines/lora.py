@@ -1,109 +1,41 @@
-"""LoRA on dq-quantized denoisers: diffusers' `load_lora_weights` / `set_adapters` / `unload_lora_weights`.
+"""LoRA on dq-quantized denoisers: diffusers' `load_lora_weights`, `set_adapters`, `delete_adapters`,
+`fuse_lora` / `unfuse_lora` and `unload_lora_weights`, per denoiser instance (`enable_lora`).
 
-diffusers hands LoRA loading to PEFT, whose default LoRA Linear wraps any nn.Linear subclass and adds
-`lora_B(lora_A(x)) * scaling` to the base layer's output; deployed QuantLinear layers work under it as
-they are (their `.weight` answers with the dequantized weight for PEFT's shape/dtype/device checks).
-dq adds two things, per denoiser instance (`enable_lora`), without touching diffusers or PEFT classes:
+diffusers reads every format its loaders know (diffusers/PEFT, kohya sd-scripts and A1111 names with `alpha`,
+the BFL / XLabs FLUX layouts) and hands the converted LoRA to the model's `load_lora_adapter`, which PEFT
+injects. dq wraps that method and `fuse_lora` / `unfuse_lora` of this instance (the classes stay untouched):
 
-- Validation before anything is injected: a LoRA whose modules are missing from the model or whose
-  factor shapes do not fit raises a DQError naming the module, and the model stays unchanged.
-- For SVDQLinear layers, the PEFT wrapper is given dq's forward (`SVDQLoraLinear`): the active adapters'
-  factors are concatenated onto the SVDQ low-rank branch and run in the same quantized_linear call,
-  nothing re-quantized. The branch sees x/s, so an adapter's down-projection enters as A diag(s)
-  (A x = (A diag(s)) (x/s)) and its up-projection as B * scaling. While adapters train (gradients on
-  their parameters) PEFT's own float side branch runs instead, which computes the same function.
+- before anything is injected, the LoRA is checked against the model: a missing module, a layer kind LoRA
+  cannot target, factors of the wrong shape, or a LyCORIS type diffusers does not load (LoKr, LoHa) raise a
+  DQError naming the module or the type, and the model stays as it was;
+- a load that fails inside diffusers or PEFT is rolled back (the half-injected adapter deleted);
+- after injection, PEFT's wrappers around dq layers get dq's subclass of their class (dq.pipelines.lora_layers):
+  adapters on SVDQuant layers run inside the low-rank branch and fuse into it exactly; on other quantized
+  layers they are 16-bit side branches, and fusing them is refused before anything fuses.
 
-Unloading removes PEFT's wrappers and leaves the quantized layers as they were: bit-identical output.
+Unloading or deleting an adapter removes PEFT's wrappers and leaves the quantized layers as they were.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import convert_unet_state_dict_to_peft
+from safetensors.torch import load_file
 from torch import nn
 
 from dq.errors import DQError
-from dq.nn import SVDQLinear
+from dq.nn import plan_of, quant_layers
+from dq.pipelines.lora_layers import adopt_lora_wrappers, fuse_refusal, unfusable_layers
 
 logger = logging.getLogger(__name__)
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.bias", ".lora_B.bias")
-
-
-def _peft_linear_class() -> type:
-    from peft.tuners.lora.layer import Linear
-
-    return Linear
-
-
-@functools.cache
-def svdq_lora_linear_class() -> type:
-    """PEFT's LoRA Linear with a forward that runs the adapters inside the SVDQ branch (built lazily: PEFT is optional)."""
-    base_cls = _peft_linear_class()
-
-    class SVDQLoraLinear(base_cls):
-        """PEFT LoRA Linear around an SVDQLinear: adapters are concatenated onto the layer's low-rank branch."""
-
-        def _fused_ok(self, kwargs: dict) -> bool:
-            if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
-                return False
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                if name in self.lora_variant or self.lora_bias.get(name, False):
-                    return False
-                dropout = self.lora_dropout[name]
-                if self.training and not isinstance(dropout, nn.Identity):
-                    return False
-                if torch.is_grad_enabled() and (self.lora_A[name].weight.requires_grad or self.lora_B[name].weight.requires_grad):
-                    return False
-            return True
-
-        def _branch(self, base: SVDQLinear) -> tuple[torch.Tensor, torch.Tensor]:
-            parts = []
-            for name in self.active_adapters:
-                if name in self.lora_A and self.scaling[name] != 0:
-                    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                    parts.append((name, a, b, float(self.scaling[name])))
-            key = tuple((n, id(a), a._version, id(b), b._version, s) for n, a, b, s in parts)
-            key += ((id(base.lowrank_down), base.lowrank_down._version, id(base.smooth), base.smooth._version),)
-            cache = self.__dict__.get("_dq_branch_cache")
-            if cache is not None and cache[0] == key:
-                return cache[1], cache[2]
-            dtype, device = base.lowrank_down.dtype, base.lowrank_down.device
-            s = base.smooth.float()
-            downs = [base.lowrank_down] + [(a.detach().float().to(device) * s).to(dtype) for _, a, _, _ in parts]
-            ups = [base.lowrank_up] + [(b.detach().float().to(device) * sc).to(dtype) for _, _, b, sc in parts]
-            down, up = torch.cat(downs, 0).contiguous(), torch.cat(ups, 1).contiguous()
-            # Keep the tensors the key names alive, so their ids cannot be reused by other tensors.
-            self.__dict__["_dq_branch_cache"] = (key, down, up, [p[1:3] for p in parts])
-            return down, up
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            base = self.get_base_layer()
-            if args or not isinstance(base, SVDQLinear) or not self._fused_ok(kwargs):
-                return super().forward(x, *args, **kwargs)
-            down, up = self._branch(base)
-            return base.forward_with_branch(x, down, up)
-
-    SVDQLoraLinear.__qualname__ = "SVDQLoraLinear"
-    return SVDQLoraLinear
-
-
-def _fuse_svdq_wrappers(model: nn.Module) -> int:
-    """Give PEFT's LoRA wrappers around SVDQLinear layers dq's fused forward; returns how many."""
-    peft_linear, fused = _peft_linear_class(), svdq_lora_linear_class()
-    n = 0
-    for module in model.modules():
-        if type(module) is peft_linear and isinstance(module.get_base_layer(), SVDQLinear):
-            # A subclass that only overrides forward: the instance keeps all of PEFT's state and behaviour.
-            module.__class__ = fused
-            n += 1
-    return n
 
 
 def _read_state_dict(source: Any) -> dict[str, torch.Tensor] | None:
@@ -111,8 +43,6 @@ def _read_state_dict(source: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, Path)) and str(source).endswith(".safetensors") and Path(source).is_file():
-        from safetensors.torch import load_file
-
         return load_file(str(source))
     return None
 
@@ -123,8 +53,6 @@ def _peft_keys(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[
     if prefix is not None:
         sd = {k.removeprefix(f"{prefix}."): v for k, v in sd.items() if k.startswith(f"{prefix}.")}
     if sd and "lora_A" not in next(iter(sd)):
-        from diffusers.utils import convert_unet_state_dict_to_peft
-
         sd = convert_unet_state_dict_to_peft(sd)
     return sd
 
@@ -187,33 +115,124 @@ def validate_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix:
     return sorted(factors)
 
 
-def enable_lora(model: nn.Module) -> None:
-    """Make diffusers' LoRA loading on `model` (and its pipeline's load_lora_weights) dq-aware. Idempotent.
+# LyCORIS factor names (LyCORIS' own key suffixes) of the adapter types diffusers does not convert to LoRA.
+_LYCORIS_TYPES = {"LoKr": re.compile(r"\.lokr_(w1|w2|t2)(_a|_b)?$"), "LoHa": re.compile(r"\.hada_(w1|w2|t1|t2)(_a|_b)?$")}
 
-    Wraps this instance's `load_lora_adapter` (the class is untouched): validate, let diffusers/PEFT
-    inject, then fuse the adapters of SVDQ layers into their low-rank branch.
+
+def check_lora_type(state_dict: dict[str, torch.Tensor]) -> None:
+    """DQError naming the adapter type when the state dict holds a LyCORIS type diffusers cannot load."""
+    for kind, pattern in _LYCORIS_TYPES.items():
+        keys = [k for k in state_dict if pattern.search(k)]
+        if keys:
+            raise DQError(
+                f"this is a {kind} adapter ({keys[0]!r}, {len(keys)} such tensors); diffusers loads LoRA (incl. "
+                "kohya/A1111 and FLUX formats) and PEFT LoRA variants such as DoRA, but not LyCORIS "
+                f"{kind}. Convert it to a LoRA, or load a LoRA. The pipeline was not changed."
+            )
+
+
+def _adapter_names(model: nn.Module) -> set[str]:
+    """Every adapter name the model knows (its peft_config, and any layer holding factors of one)."""
+    names = set(getattr(model, "peft_config", {}) or {})
+    for module in model.modules():
+        names.update(getattr(module, "lora_A", {}) or {})
+    return names
+
+
+def _remove_adapters(model: nn.Module, names: set[str]) -> None:
+    """Take the named (half-injected) adapters out of every layer and out of the model's config."""
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and hasattr(module, "delete_adapter"):
+            for name in names & set(lora_a):
+                module.delete_adapter(name)
+    for name in names:
+        (getattr(model, "peft_config", None) or {}).pop(name, None)
+
+
+def refresh_layer_plans(model: nn.Module) -> None:
+    """Write the current layer plans (an SVDQ branch's rank grows when a LoRA fuses) into quantization_config,
+    so that save_pretrained after fuse_lora writes a checkpoint that reloads."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    if config is None:
+        return
+    for name, layer in quant_layers(model):
+        config.modules[name.replace(".base_layer", "")] = plan_of(layer).to_dict()
+
+
+def enable_lora(model: nn.Module) -> None:
+    """Make diffusers' LoRA loading and fusing on `model` (and its pipeline's) dq-aware. Idempotent.
+
+    Wraps this instance's `load_lora_adapter`, `fuse_lora` and `unfuse_lora` (the class is untouched):
+    validate, let diffusers/PEFT inject (rolled back if that fails), then give PEFT's wrappers around dq
+    layers dq's forward and fuse rules (dq.pipelines.lora_layers).
 
     Example:
         >>> dq.quantize(pipe, "svdquant-w4a4", calib=...)   # calls enable_lora(pipe.unet)
         >>> pipe.load_lora_weights("style.safetensors", adapter_name="style")
-        >>> pipe.set_adapters(["style"], [0.8]); pipe.unload_lora_weights()
+        >>> pipe.set_adapters(["style"], [0.8]); pipe.fuse_lora(); pipe.unfuse_lora(); pipe.unload_lora_weights()
     """
     original = getattr(model, "load_lora_adapter", None)
     if original is None or getattr(original, "_dq_wrapped", False):
         return
+    original_fuse, original_unfuse = model.fuse_lora, model.unfuse_lora
 
     @functools.wraps(original)
     def load_lora_adapter(pretrained_model_name_or_path_or_dict, *args, **kwargs):
         prefix = args[0] if args else kwargs.get("prefix", "transformer")
         state_dict = _read_state_dict(pretrained_model_name_or_path_or_dict)
         if state_dict is not None:
+            check_lora_type(state_dict)
             targets = validate_lora(model, state_dict, prefix)
             if not targets and any(k.endswith(_LORA_SUFFIXES) for k in state_dict):
                 logger.info("dq: no LoRA keys for prefix %r in this state dict", prefix)
             pretrained_model_name_or_path_or_dict = state_dict
-        result = original(pretrained_model_name_or_path_or_dict, *args, **kwargs)
-        _fuse_svdq_wrappers(model)
+        before = _adapter_names(model)
+        try:
+            result = original(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+        except Exception as error:
+            _remove_adapters(model, _adapter_names(model) - before)
+            raise DQError(f"loading the LoRA failed ({type(error).__name__}: {error}); the model was left as it was.") from error
+        adopt_lora_wrappers(model)
         return result
+
+    @functools.wraps(original_fuse)
+    def fuse_lora(lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
+        refused = unfusable_layers(model, adapter_names)
+        if refused:
+            raise fuse_refusal(refused)
+        original_fuse(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+        refresh_layer_plans(model)
+
+    @functools.wraps(original_unfuse)
+    def unfuse_lora():
+        original_unfuse()
+        refresh_layer_plans(model)
 
     load_lora_adapter._dq_wrapped = True
     model.load_lora_adapter = load_lora_adapter
+    model.fuse_lora = fuse_lora
+    model.unfuse_lora = unfuse_lora
+
+
+def enable_pipeline_lora(pipe: Any) -> None:
+    """Check what `pipe.load_lora_weights` reads before diffusers converts it (LyCORIS types get a DQError
+    naming them instead of diffusers' "keys have not been correctly renamed"). Idempotent."""
+    original = getattr(pipe, "load_lora_weights", None)
+    if original is None or getattr(original, "_dq_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_lora_weights(pretrained_model_name_or_path_or_dict, *args, **kwargs):
+        source = pretrained_model_name_or_path_or_dict
+        weight_name = kwargs.get("weight_name")
+        if isinstance(source, (str, Path)) and weight_name and Path(source, weight_name).is_file():
+            source = Path(source, weight_name)
+        state_dict = _read_state_dict(source)
+        if state_dict is not None:
+            check_lora_type(state_dict)
+        return original(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+
+    load_lora_weights._dq_wrapped = True
+    pipe.load_lora_weights = load_lora_weights

@@ -9,6 +9,7 @@ from dq.errors import DQError
 from dq.nn.denoiser import find_denoiser
 from dq.pipelines.backend import attach_quantizer
 from dq.pipelines.calibration import CalibConfig, calibration_data
+from dq.pipelines.lora import enable_pipeline_lora
 from dq.recipes import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -42,4 +43,5 @@ def quantize(pipe: DiffusionPipeline, recipe: str | Recipe, calib: CalibConfig |
     data = calibration_data(pipe, recipe, calib) if recipe.needs_data else None
     report = quantize_model(denoiser, recipe, data, plan)
     attach_quantizer(denoiser, recipe)
+    enable_pipeline_lora(pipe)
     return report

@@ -9,7 +9,7 @@ import torch
 import dq
 from dq import CalibConfig
 from dq.nn import QuantLinear, SVDQLinear
-from dq.pipelines.lora import svdq_lora_linear_class
+from dq.pipelines.lora_layers import SVDQLoraLinear
 from dq.recipes import load_recipe
 from tiny_pipelines import build, run
 
@@ -45,7 +45,7 @@ def pipes():
 def test_lora_on_svdq_fused_and_exact_unload(pipes):
     q, kw = pipes["q"], pipes["kw"]
     q.load_lora_weights(dict(pipes["lora_a"]), adapter_name="a")
-    fused = [m for m in q.unet.modules() if type(m) is svdq_lora_linear_class()]
+    fused = [m for m in q.unet.modules() if type(m) is SVDQLoraLinear]
     assert fused and all(isinstance(m.get_base_layer(), SVDQLinear) for m in fused)
     out = run(q, kw)
     # The LoRA's effect survives quantization: quantized+LoRA is as close to FP+LoRA as quantized is to FP.
@@ -64,7 +64,7 @@ def test_lora_on_svdq_fused_and_exact_unload(pipes):
     assert torch.equal(run(q, kw), out)
     q.unload_lora_weights()
     assert torch.equal(run(q, kw), pipes["q0"])
-    assert not any(type(m) is svdq_lora_linear_class() for m in q.unet.modules())
+    assert not any(type(m) is SVDQLoraLinear for m in q.unet.modules())
 
 
 def test_loras_compose(pipes):
@@ -77,7 +77,7 @@ def test_loras_compose(pipes):
     q.set_adapters(["a", "b"], [1.0, 0.7])
     both = run(q, kw)
     assert not torch.equal(both, only_a)
-    m = next(m for m in q.unet.modules() if type(m) is svdq_lora_linear_class() and "b" in m.lora_A)
+    m = next(m for m in q.unet.modules() if type(m) is SVDQLoraLinear and "b" in m.lora_A)
     x = torch.randn(3, m.in_features)
     with torch.no_grad():
         torch.testing.assert_close(m(x), type(m).__mro__[1].forward(m, x), rtol=2e-2, atol=2e-2)
