@@ -31,14 +31,9 @@ from dq.sizes import tensors_bytes
 BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _check_options(name: str, in_f: int, out_f: int, rank: int, branch_dtype: str, act_shift: float) -> None:
+def _check_options(name: str, rank: int, branch_dtype: str, act_shift: float) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise DQError(f"{name}: rank must be a non-negative integer, got {rank!r}.")
-    if rank > min(in_f, out_f):
-        raise DQError(
-            f"{name}: rank {rank} exceeds the layer size [{out_f}, {in_f}] (at most {min(in_f, out_f)}); "
-            "lower `rank` in the recipe options."
-        )
     if branch_dtype not in BRANCH_DTYPES:
         raise DQError(f"{name}: branch_dtype {branch_dtype!r} is not one of {sorted(BRANCH_DTYPES)}.")
     if not isinstance(act_shift, (int, float)) or act_shift < 0:
@@ -71,7 +66,7 @@ class SVDQLinear(QuantLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_options(type(self).__name__, in_features, out_features, rank, branch_dtype, act_shift)
+        _check_options(type(self).__name__, rank, branch_dtype, act_shift)
         super().__init__(in_features, out_features, bias, weight_spec, act_spec, device=device, dtype=dtype)
         self.rank = rank
         self.branch_dtype = branch_dtype

@@ -295,7 +295,7 @@ def _run(pipe: DiffusionPipeline, denoiser: nn.Module, prompts: list[str], confi
                 batch = prompts[start : start + config.batch_size]
                 calls.clear()
                 pipe(**_call_kwargs(pipe, config, batch, start, device))
-                schedule = _schedule(pipe, calls)
+                schedule = _schedule(calls)
                 for call in calls:
                     step = nearest_step(schedule, call.timestep)
                     bsz = _batch_size(call.args, call.kwargs)
@@ -345,15 +345,13 @@ def _call_kwargs(pipe: DiffusionPipeline, config: CalibConfig, batch: list[str],
     return kw
 
 
-def _schedule(pipe: DiffusionPipeline, calls: list[_Call]) -> list[float]:
-    """Timesteps of the executed steps: the scheduler's list when it matches the calls, else call order."""
-    ts = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+def _schedule(calls: list[_Call]) -> list[float]:
+    """Timesteps of the executed steps, as the denoiser received them (FLUX divides the scheduler's by 1000),
+    in call order; a step that calls the denoiser twice (one call per CFG branch) counts once."""
     seen: list[float] = []
     for call in calls:
         if not seen or seen[-1] != call.timestep:
             seen.append(call.timestep)
-    if ts is not None and len(ts) == len(seen):
-        return [float(t) for t in ts]
     return seen
 
 

@@ -216,9 +216,19 @@ def enable_lora(model: nn.Module) -> None:
     model.unfuse_lora = unfuse_lora
 
 
+def _module_of(key: str, prefix: str) -> str:
+    """The module a LoRA key belongs to, as named in the model before PEFT wrapped it."""
+    return key.removeprefix(prefix).rsplit(".lora_", 1)[0]
+
+
 def enable_pipeline_lora(pipe: Any) -> None:
-    """Check what `pipe.load_lora_weights` reads before diffusers converts it (LyCORIS types get a DQError
-    naming them instead of diffusers' "keys have not been correctly renamed"). Idempotent."""
+    """Make `pipe.load_lora_weights` dq-aware before diffusers converts the file. Idempotent.
+
+    LyCORIS types get a DQError naming them (instead of diffusers' "keys have not been correctly renamed"),
+    and FLUX pipelines, which widen LoRA factors for Control LoRAs by reading the transformer's float
+    state dict, do that only for layers dq keeps in float: packed layers have no float weight to read, and
+    a LoRA that does not fit them is refused by the model's check instead.
+    """
     original = getattr(pipe, "load_lora_weights", None)
     if original is None or getattr(original, "_dq_wrapped", False):
         return
@@ -236,3 +246,14 @@ def enable_pipeline_lora(pipe: Any) -> None:
 
     load_lora_weights._dq_wrapped = True
     pipe.load_lora_weights = load_lora_weights
+    expand = getattr(pipe, "_maybe_expand_lora_state_dict", None)
+    if expand is not None:
+
+        def expand_float_layers_only(transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            prefix = f"{getattr(pipe, 'transformer_name', 'transformer')}."
+            packed = {name.replace(".base_layer", "") for name, _ in quant_layers(transformer)}
+            kept = {k: v for k, v in lora_state_dict.items() if _module_of(k, prefix) in packed}
+            rest = expand(transformer=transformer, lora_state_dict={k: v for k, v in lora_state_dict.items() if k not in kept})
+            return {**rest, **kept}
+
+        pipe._maybe_expand_lora_state_dict = expand_float_layers_only
