@@ -40,6 +40,20 @@ def test_quantize_refuses_existing_output(fp_dir, tmp_path, capsys):
 
 
 def test_interrupted_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):
+    from dq.pipelines.streaming import ShardWriter
+
+    def crash(self):
+        (self.directory / "partial.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "finish", crash)
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        main(["quantize", str(fp_dir), "--recipe", "w4a16", "--out", str(out)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_in_memory_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 
     def crash(self, directory, *args, **kwargs):
@@ -49,7 +63,7 @@ def test_interrupted_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(DiffusionPipeline, "save_pretrained", crash)
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
-        main(["quantize", str(fp_dir), "--recipe", "w4a16", "--out", str(out)])
+        main(["quantize", "ref-sd", "--recipe", "w4a16", "--out", str(out)])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,18 +1,24 @@
-"""`dq quantize MODEL --recipe NAME --out DIR`: quantize a pipeline's denoiser and save the pipeline."""
+"""`dq quantize MODEL --recipe NAME --out DIR`: quantize a pipeline's (or a model's) denoiser and save it.
+
+A local directory with a data-free recipe is streamed (dq.pipelines.streaming: one layer in memory at a time);
+reference names, hub ids and calibrated recipes load the pipeline and run dq.quantize.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import dq
 from dq.io import atomic_directory, check_writable
 from dq.pipelines.loading import load_pipeline
+from dq.pipelines.streaming import peak_rss, stream_quantize
 from dq.recipes import load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a local diffusers pipeline directory, a hub id, or a dq reference name (ref-sd, ...)")
+    parser.add_argument("model", help="a local diffusers pipeline or model directory, a hub id, or a dq reference name (ref-sd, ...)")
     parser.add_argument("--recipe", required=True, help="a recipe name (see `dq recipes`) or a recipe .yaml path")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -21,10 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, args.overwrite)
     recipe = load_recipe(args.recipe)
+    if Path(args.model).expanduser().is_dir() and not recipe.needs_data:
+        print(stream_quantize(args.model, recipe, args.out, overwrite=args.overwrite))
+        print(f"saved to {args.out}")
+        return 0
+    start = time.perf_counter()
     pipe = load_pipeline(args.model)
+    loaded = time.perf_counter()
     report = dq.quantize(pipe, recipe)
+    quantized = time.perf_counter()
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         pipe.save_pretrained(tmp)
     print(report)
+    print(f"  load {loaded - start:.1f} s, quantize {quantized - loaded:.1f} s, save {time.perf_counter() - quantized:.1f} s; "
+          f"peak RSS {peak_rss() / 2**20:.0f} MiB")
     print(f"saved to {args.out}")
     return 0

@@ -1,0 +1,256 @@
+"""Quantize a checkpoint on disk without loading it: one layer in memory at a time, written out in shards.
+
+`stream_quantize(path, recipe, out)` builds the denoiser's skeleton on the meta device, plans the recipe's
+layers on it (the same plan `dq.quantize` makes), then walks the checkpoint's safetensors files: each planned
+layer's float tensors are read, quantized and packed exactly as in memory, written to the current output shard
+and freed; every other tensor is copied as stored. Peak memory is about one output shard plus one float layer,
+whatever the model's size. The output is a diffusers model directory (sharded safetensors, an index, and
+config.json with the quantization_config) that plain `from_pretrained` loads after `import dq`, equal to
+`dq.quantize` of the same weights in memory. For a pipeline directory, the other components are copied.
+
+Only data-free recipes stream; calibrated ones need the denoiser's activations (`dq.quantize` in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from dq.calib import plan_quantization
+from dq.errors import DQError
+from dq.io import atomic_directory
+from dq.nn import QUANT_LAYER_TYPES, LayerPlan
+from dq.pipelines.config import DQConfig
+from dq.recipes import Recipe, load_recipe
+from dq.sizes import tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+DENOISER_FOLDERS = ("transformer", "unet")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SHARD_BYTES = 256 * 2**20
+
+
+@dataclass
+class StreamReport:
+    """What `stream_quantize` did: layers quantized, bytes in and out, and time and peak memory per stage."""
+
+    recipe: str
+    quantized: int = 0
+    copied: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    stages: dict[str, tuple[float, int]] = field(default_factory=dict)  # stage -> (seconds, peak RSS bytes)
+
+    def __str__(self) -> str:
+        lines = [
+            f"dq quantize (streamed) [{self.recipe}]: {self.quantized} layers quantized, {self.copied} tensors copied; "
+            f"denoiser {self.bytes_in / 2**20:.1f} MiB -> {self.bytes_out / 2**20:.1f} MiB"
+        ]
+        lines += [f"  {stage}: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB" for stage, (seconds, peak) in self.stages.items()]
+        return "\n".join(lines)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def denoiser_directory(path: Path) -> tuple[Path, Path | None]:
+    """(the denoiser's model directory, the pipeline directory or None) of a pipeline or model directory."""
+    if (path / "model_index.json").is_file():
+        for folder in DENOISER_FOLDERS:
+            if (path / folder / "config.json").is_file():
+                return path / folder, path
+        raise DQError(f"pipeline directory {str(path)!r} has no {' or '.join(DENOISER_FOLDERS)} folder with a config.json.")
+    if (path / "config.json").is_file():
+        return path, None
+    raise DQError(f"{str(path)!r} is neither a diffusers pipeline directory (model_index.json) nor a model directory (config.json).")
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model directory (one file, or shards with an index)."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / WEIGHTS_NAME
+    if not single.is_file():
+        raise DQError(f"{str(model_dir)!r} has no {WEIGHTS_NAME} (or {INDEX_NAME}); streaming reads safetensors checkpoints only.")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def model_skeleton(model_dir: Path) -> tuple[nn.Module, dict]:
+    """The denoiser built from its config.json on the meta device (no memory), and that config."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" in config:
+        raise DQError(f"{str(model_dir)!r} is already quantized; stream the float checkpoint instead.")
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise DQError(f"config.json of {str(model_dir)!r} names class {config.get('_class_name')!r}, which diffusers does not have.")
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return model, config
+
+
+class ShardWriter:
+    """Collects tensors and writes them as numbered safetensors shards of about `shard_bytes` each."""
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor_bytes(tensor)
+        if self.pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.directory / f"shard-{len(self.files):05d}.tmp"))
+        self.files.append(list(self.pending))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards as diffusers does and write the index; returns the bytes written."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.directory / f"shard-{i:05d}.tmp").rename(self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return self.total
+
+
+def _float_layer(skeleton: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The skeleton's layer `name` materialized on CPU with the checkpoint's tensors (cast to the layer's dtype,
+    as from_pretrained loads them)."""
+    layer = skeleton.get_submodule(name)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(tensors)
+    return layer
+
+
+def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, overwrite: bool = False,
+                    shard_bytes: int = SHARD_BYTES) -> StreamReport:
+    """Quantize the denoiser of a pipeline or model directory on disk into `out`, one layer at a time.
+
+    Args:
+        path: a diffusers pipeline directory (model_index.json) or a model directory (config.json + safetensors).
+        recipe: a data-free recipe (name, YAML path or Recipe).
+        out: the output directory, written atomically; an existing one only with `overwrite`.
+        shard_bytes: size of the output's safetensors shards (the memory held for writing).
+
+    Example:
+        >>> report = stream_quantize("PixArt-Sigma-XL/transformer", "w4a16", "pixart-w4a16")
+        >>> PixArtTransformer2DModel.from_pretrained("pixart-w4a16")   # after `import dq`
+    """
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    recipe = load_recipe(recipe)
+    if recipe.needs_data:
+        raise DQError(
+            f"recipe {recipe.name!r} calibrates on data ({recipe.method}), which needs the whole pipeline; streaming "
+            "quantizes data-free recipes only. Use dq.quantize(pipe, recipe, calib=...) in memory."
+        )
+    model_dir, pipeline_dir = denoiser_directory(path)
+    report = StreamReport(recipe.name)
+    start = time.perf_counter()
+    skeleton, config = model_skeleton(model_dir)
+    files = checkpoint_files(model_dir)
+    plans = plan_quantization(skeleton, recipe).selection.plans
+    report.stages["plan"] = (time.perf_counter() - start, peak_rss())
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        start = time.perf_counter()
+        target = tmp if pipeline_dir is None else tmp / model_dir.name
+        if pipeline_dir is not None:
+            _copy_other_components(pipeline_dir, model_dir.name, tmp)
+        target.mkdir(parents=True, exist_ok=True)
+        report.stages["copy components"] = (time.perf_counter() - start, peak_rss())
+        start = time.perf_counter()
+        writer = ShardWriter(target, shard_bytes)
+        _write_tensors(skeleton, plans, files, writer, report)
+        report.bytes_out = writer.finish()
+        config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules={n: p.to_dict() for n, p in plans.items()}).to_dict()
+        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        report.stages["quantize + write"] = (time.perf_counter() - start, peak_rss())
+    return report
+
+
+def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict[str, Path], writer: ShardWriter,
+                   report: StreamReport) -> None:
+    """Quantize each planned layer and copy every other tensor, in checkpoint order, file by file."""
+    owner = {}
+    for name in files:
+        module = name.rpartition(".")[0]
+        if module in plans:
+            owner[name] = module
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    done: set[str] = set()
+    bar = tqdm(total=len(plans), desc=f"dq: streaming {report.recipe}", leave=False)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                module = owner.get(name)
+                if module is None:
+                    tensor = f.get_tensor(name)
+                    report.bytes_in += tensor_bytes(tensor)
+                    writer.add(name, tensor)
+                    report.copied += 1
+                    continue
+                if module in done:
+                    continue
+                own = {k.rpartition(".")[2]: k for k in owner if owner[k] == module}
+                missing = [k for k in own.values() if files[k] != file]
+                if missing:
+                    raise DQError(f"layer {module!r} has tensors in two checkpoint files ({missing[0]}); re-save the checkpoint.")
+                tensors = {short: f.get_tensor(key) for short, key in own.items()}
+                report.bytes_in += sum(tensor_bytes(t) for t in tensors.values())
+                plan = plans[module]
+                layer = QUANT_LAYER_TYPES[plan.kind].from_float(_float_layer(skeleton, module, tensors), plan.weight, plan.act, **plan.options)
+                layer.deploy()
+                for key, value in layer.state_dict().items():
+                    writer.add(f"{module}.{key}", value)
+                skeleton.get_submodule(module).to(device="meta")  # free the float weight
+                done.add(module)
+                report.quantized += 1
+                bar.update(1)
+    bar.close()
+    absent = sorted(set(plans) - done)
+    if absent:
+        raise DQError(f"the checkpoint has no weights for layer(s) {absent[:5]} of {type(skeleton).__name__}; it does not match its config.json.")
+
+
+def _copy_other_components(pipeline_dir: Path, denoiser: str, out: Path) -> None:
+    """Every file and folder of the pipeline except the denoiser, copied (not loaded)."""
+    for item in pipeline_dir.iterdir():
+        if item.name == denoiser:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
