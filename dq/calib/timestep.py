@@ -261,6 +261,8 @@ class TimestepConfig(CalibratorConfig):
 
 @register_calibrator(TimestepConfig)
 class TimestepCalibrator(Calibrator[TimestepConfig]):
+    """Min-max (or another observer's) static activation scales, one set per timestep group."""
+
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         c = self.config
         calibrate_activations(denoiser, layers, data, c.act_observer, c.timestep_groups, c.batch_size, weights_quantized=True)
