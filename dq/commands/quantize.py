@@ -12,8 +12,9 @@ from pathlib import Path
 
 import dq
 from dq.io import atomic_directory, check_writable
+from dq.metrics.perf import peak_memory
 from dq.pipelines.loading import load_pipeline
-from dq.pipelines.streaming import peak_rss, stream_quantize
+from dq.pipelines.streaming import stream_quantize
 from dq.recipes import load_recipe
 
 
@@ -32,14 +33,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"saved to {args.out}")
         return 0
     start = time.perf_counter()
-    pipe = load_pipeline(args.model)
-    loaded = time.perf_counter()
-    report = dq.quantize(pipe, recipe)
-    quantized = time.perf_counter()
-    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-        pipe.save_pretrained(tmp)
+    with peak_memory("cpu") as peak:
+        pipe = load_pipeline(args.model)
+        loaded = time.perf_counter()
+        report = dq.quantize(pipe, recipe)
+        quantized = time.perf_counter()
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+            pipe.save_pretrained(tmp)
     print(report)
     print(f"  load {loaded - start:.1f} s, quantize {quantized - loaded:.1f} s, save {time.perf_counter() - quantized:.1f} s; "
-          f"peak RSS {peak_rss() / 2**20:.0f} MiB")
+          f"peak RSS {peak.bytes / 2**20:.0f} MiB")
     print(f"saved to {args.out}")
     return 0

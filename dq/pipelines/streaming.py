@@ -17,12 +17,12 @@ import ctypes
 import ctypes.util
 import json
 import logging
-import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import diffusers
 import torch
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dq.calib import plan_quantization
 from dq.errors import DQError
 from dq.io import atomic_directory
+from dq.metrics.perf import peak_memory
 from dq.nn import QUANT_LAYER_TYPES, LayerPlan
 from dq.pipelines.config import DQConfig
 from dq.recipes import Recipe, load_recipe
@@ -86,9 +87,13 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+@contextmanager
+def _stage(report: StreamReport, name: str) -> Iterator[None]:
+    """Record the block's seconds and peak RSS (the kernel's high-water mark, reset at the start) as a stage."""
+    start = time.perf_counter()
+    with peak_memory("cpu") as peak:
+        yield
+    report.stages[name] = (time.perf_counter() - start, peak.bytes)
 
 
 def denoiser_directory(path: Path) -> tuple[Path, Path | None]:
@@ -199,25 +204,22 @@ def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, ove
         )
     model_dir, pipeline_dir = denoiser_directory(path)
     report = StreamReport(recipe.name)
-    start = time.perf_counter()
-    skeleton, config = model_skeleton(model_dir)
-    files = checkpoint_files(model_dir)
-    plans = plan_quantization(skeleton, recipe).selection.plans
-    report.stages["plan"] = (time.perf_counter() - start, peak_rss())
+    with _stage(report, "plan"):
+        skeleton, config = model_skeleton(model_dir)
+        files = checkpoint_files(model_dir)
+        plans = plan_quantization(skeleton, recipe).selection.plans
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        start = time.perf_counter()
         target = tmp if pipeline_dir is None else tmp / model_dir.name
-        if pipeline_dir is not None:
-            _copy_other_components(pipeline_dir, model_dir.name, tmp)
-        target.mkdir(parents=True, exist_ok=True)
-        report.stages["copy components"] = (time.perf_counter() - start, peak_rss())
-        start = time.perf_counter()
-        writer = ShardWriter(target, shard_bytes)
-        _write_tensors(skeleton, plans, files, writer, report)
-        report.bytes_out = writer.finish()
-        config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules={n: p.to_dict() for n, p in plans.items()}).to_dict()
-        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        report.stages["quantize + write"] = (time.perf_counter() - start, peak_rss())
+        with _stage(report, "copy components"):
+            if pipeline_dir is not None:
+                _copy_other_components(pipeline_dir, model_dir.name, tmp)
+            target.mkdir(parents=True, exist_ok=True)
+        with _stage(report, "quantize + write"):
+            writer = ShardWriter(target, shard_bytes)
+            _write_tensors(skeleton, plans, files, writer, report)
+            report.bytes_out = writer.finish()
+            config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules={n: p.to_dict() for n, p in plans.items()}).to_dict()
+            (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return report
 
 
