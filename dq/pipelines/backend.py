@@ -33,6 +33,7 @@ def layer_plans_of(model: torch.nn.Module) -> dict[str, dict]:
 def attach_quantizer(model: torch.nn.Module, recipe: Recipe) -> None:
     """Mark a model quantized by dq.quantize as diffusers marks one loaded quantized, so save_pretrained works."""
     config = DQConfig(recipe=recipe.to_dict(), modules=layer_plans_of(model))
+    config.bind(model)
     model.register_to_config(quantization_config=config)
     quantizer = DQQuantizer(config, pre_quantized=True)
     model.hf_quantizer = quantizer
@@ -148,6 +149,7 @@ class DQQuantizer(DiffusersQuantizer):
 
     # -- quantizing at load time (data-free recipes) ----------------------------------------------
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        self.quantization_config.bind(model)
         if self.pre_quantized:
             _realign(model)
             attach_timestep_hook(model)  # per-timestep activation scales select their group per call

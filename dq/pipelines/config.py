@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import weakref
 from enum import Enum
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from torch import nn
 
 from dq.errors import DQError
-from dq.nn import LayerPlan
+from dq.nn import LayerPlan, plan_of, quant_layers
 from dq.recipes import Recipe, load_recipe
 
 CONFIG_VERSION = 1
@@ -60,7 +62,15 @@ class DQConfig(QuantizationConfigMixin):
     def layer_plans(self) -> dict[str, LayerPlan]:
         return {name: LayerPlan.from_dict(d) for name, d in self.modules.items()}
 
+    def bind(self, model: nn.Module) -> None:
+        """Follow `model`'s quantized layers: `modules` is then read from them whenever the config is written
+        (an SVDQ branch grows when a LoRA fuses into it, and shrinks again when it unfuses)."""
+        self._model = weakref.ref(model)
+
     def to_dict(self) -> dict[str, Any]:
+        model = self._model() if getattr(self, "_model", None) is not None else None
+        if model is not None:  # PEFT wraps layers as <name>.base_layer; the checkpoint keeps the model's names
+            self.modules = {name.replace(".base_layer", ""): plan_of(layer).to_dict() for name, layer in quant_layers(model)}
         return {"quant_method": self.quant_method.value, "recipe": self.recipe, "modules": self.modules, "version": self.version}
 
     def to_json_string(self, use_diff: bool = True) -> str:

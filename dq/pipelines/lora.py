@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dq.errors import DQError
-from dq.nn import plan_of, quant_layers
+from dq.nn import quant_layers
 from dq.pipelines.lora_layers import adopt_lora_wrappers, fuse_refusal, unfusable_layers
 
 logger = logging.getLogger(__name__)
@@ -150,23 +150,13 @@ def _remove_adapters(model: nn.Module, names: set[str]) -> None:
         (getattr(model, "peft_config", None) or {}).pop(name, None)
 
 
-def refresh_layer_plans(model: nn.Module) -> None:
-    """Write the current layer plans (an SVDQ branch's rank grows when a LoRA fuses) into quantization_config,
-    so that save_pretrained after fuse_lora writes a checkpoint that reloads."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    config = getattr(quantizer, "quantization_config", None)
-    if config is None:
-        return
-    for name, layer in quant_layers(model):
-        config.modules[name.replace(".base_layer", "")] = plan_of(layer).to_dict()
-
-
 def enable_lora(model: nn.Module) -> None:
     """Make diffusers' LoRA loading and fusing on `model` (and its pipeline's) dq-aware. Idempotent.
 
-    Wraps this instance's `load_lora_adapter`, `fuse_lora` and `unfuse_lora` (the class is untouched):
-    validate, let diffusers/PEFT inject (rolled back if that fails), then give PEFT's wrappers around dq
-    layers dq's forward and fuse rules (dq.pipelines.lora_layers).
+    Wraps this instance's `load_lora_adapter` and `fuse_lora` (the class is untouched): validate, let
+    diffusers/PEFT inject (rolled back if that fails), then give PEFT's wrappers around dq layers dq's forward
+    and fuse rules (dq.pipelines.lora_layers); refuse a fuse that some layer cannot take before anything fuses.
+    The checkpoint's layer plans follow a fused branch's rank by themselves (DQConfig.bind).
 
     Example:
         >>> dq.quantize(pipe, "svdquant-w4a4", calib=...)   # calls enable_lora(pipe.unet)
@@ -176,7 +166,7 @@ def enable_lora(model: nn.Module) -> None:
     original = getattr(model, "load_lora_adapter", None)
     if original is None or getattr(original, "_dq_wrapped", False):
         return
-    original_fuse, original_unfuse = model.fuse_lora, model.unfuse_lora
+    original_fuse = model.fuse_lora
 
     @functools.wraps(original)
     def load_lora_adapter(pretrained_model_name_or_path_or_dict, *args, **kwargs):
@@ -203,17 +193,10 @@ def enable_lora(model: nn.Module) -> None:
         if refused:
             raise fuse_refusal(refused)
         original_fuse(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
-        refresh_layer_plans(model)
-
-    @functools.wraps(original_unfuse)
-    def unfuse_lora():
-        original_unfuse()
-        refresh_layer_plans(model)
 
     load_lora_adapter._dq_wrapped = True
     model.load_lora_adapter = load_lora_adapter
     model.fuse_lora = fuse_lora
-    model.unfuse_lora = unfuse_lora
 
 
 def _module_of(key: str, prefix: str) -> str:

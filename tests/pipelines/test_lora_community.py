@@ -168,8 +168,10 @@ def test_fuse_is_exact_on_svdq_and_refused_elsewhere(sd_loras, quantized, tmp_pa
     pipe.fuse_lora()
     assert any(m.rank > ranks[n.replace(".base_layer", "")] for n, m in pipe.unet.named_modules() if isinstance(m, SVDQLinear))
     assert torch.equal(generate(pipe), unfused)
-    pipe.unfuse_lora()
+    pipe.unfuse_lora()  # the pipeline's unfuse calls each layer's unmerge, not the model's unfuse_lora
     assert {n.replace(".base_layer", ""): m.rank for n, m in pipe.unet.named_modules() if isinstance(m, SVDQLinear)} == ranks
+    saved_plans = pipe.unet.config.quantization_config.to_dict()["modules"]
+    assert {n: saved_plans[n]["options"]["rank"] for n in ranks} == ranks
     assert torch.equal(generate(pipe), unfused)
     # fused, unloaded and saved: the checkpoint records the grown branch and reloads to the same output
     pipe.fuse_lora(lora_scale=0.5)
