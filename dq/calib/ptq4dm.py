@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
+from dq.calib.base import Calibrator, Sampling, register_calibrator
 from dq.calib.data import CalibData
 from dq.calib.qdiffusion import init_weight_scales
-from dq.calib.timestep import calibrate_activations, check_observer
-from dq.errors import DQError
+from dq.calib.timestep import TimestepConfig, calibrate_activations, check_observer
 from dq.nn.base import QuantLayerMixin
 
 if TYPE_CHECKING:
@@ -27,8 +26,8 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class PTQ4DMConfig(CalibratorConfig):
-    """PTQ4DM settings.
+class PTQ4DMConfig(TimestepConfig):
+    """PTQ4DM settings: the timestep calibrator's, with PTQ4DM's defaults, plus the weight observer.
 
     Args:
         weight_observer, act_observer: range observers (dq.calib.observers.OBSERVERS); "mse" as released.
@@ -41,13 +40,10 @@ class PTQ4DMConfig(CalibratorConfig):
     weight_observer: str = "mse"
     act_observer: str = "mse"
     timestep_groups: int = 1
-    batch_size: int = 8
 
     def validate(self) -> None:
+        super().validate()
         check_observer(self.weight_observer)
-        check_observer(self.act_observer)
-        if self.timestep_groups < 1 or self.batch_size < 1:
-            raise DQError("timestep_groups and batch_size must be >= 1.")
 
 
 @register_calibrator(PTQ4DMConfig)
