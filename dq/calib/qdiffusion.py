@@ -44,8 +44,8 @@ from dq.calib.state import quant_state
 from dq.calib.timestep import calibrate_activations, check_observer, select_timestep, static_act_quantizers
 from dq.errors import DQError
 from dq.nn.base import QuantLayerMixin
-from dq.nn.split_conv import split_conv
-from dq.nn.swap import _set_module
+from dq.nn.select import LayerSelection
+from dq.nn.swap import LayerPlan
 
 if TYPE_CHECKING:
     from dq.recipes import Recipe
@@ -136,15 +136,18 @@ def find_split_points(denoiser: nn.Module, conv1: bool = False) -> dict[str, int
     return points
 
 
-def apply_split_shortcuts(denoiser: nn.Module, layers: dict[str, nn.Module], conv1: bool = False) -> list[str]:
-    """Replace the quantized decoder convs that read cat([h, skip]) by split-input layers, in place."""
+def plan_split_shortcuts(denoiser: nn.Module, selection: LayerSelection, conv1: bool = False) -> list[str]:
+    """Plan the quantized decoder convs that read cat([h, skip]) as split-input layers (`split_conv2d`).
+
+    A planning decision, made on the whole denoiser before anything is swapped: a block quantized on its
+    own (block-sequential calibration) no longer sees where its inputs were concatenated.
+    """
     done = []
     for name, split in find_split_points(denoiser, conv1).items():
-        if name not in layers:
+        plan = selection.plans.get(name)
+        if plan is None or plan.kind != "conv2d":
             continue
-        new = split_conv(layers[name], split)
-        _set_module(denoiser, name, new)
-        layers[name] = new
+        selection.plans[name] = LayerPlan("split_conv2d", plan.weight, plan.act, {**plan.options, "split": split})
         done.append(name)
     return done
 
@@ -282,12 +285,14 @@ def init_weight_scales(layers: dict[str, nn.Module], observer: str) -> None:
 class QDiffusionCalibrator(Calibrator[QDiffusionConfig]):
     """Q-Diffusion (Li et al., ICCV 2023): split shortcut + BRECQ/AdaRound + Lp/LSQ activation scales."""
 
+    def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
+        if self.config.split_shortcut:
+            split = plan_split_shortcuts(denoiser, selection, conv1=self.config.split_conv1)
+            logger.info("dq: split-shortcut quantizers on %d decoder convs", len(split))
+
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         opts = self.config
         _check_layers(layers, list(layers))
-        if opts.split_shortcut:
-            split = apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
-            logger.info("dq: split-shortcut quantizers on %d decoder convs", len(split))
         init_weight_scales(layers, opts.weight_observer)
         with frozen_parameters(denoiser):
             ratios = reconstruct_weights(denoiser, layers, data, opts)

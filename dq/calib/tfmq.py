@@ -32,7 +32,7 @@ from torch import nn
 from dq.calib.adaround import adaround
 from dq.calib.base import Calibrator, Sampling, register_calibrator
 from dq.calib.data import CalibData
-from dq.calib.qdiffusion import ReconConfig, _check_layers, apply_split_shortcuts, frozen_parameters, init_weight_scales, reconstruct_weights
+from dq.calib.qdiffusion import ReconConfig, _check_layers, frozen_parameters, init_weight_scales, plan_split_shortcuts, reconstruct_weights
 from dq.calib.state import quant_state
 from dq.calib.timestep import calibrate_activations
 from dq.errors import DQError
@@ -176,13 +176,13 @@ class TFMQCalibrator(Calibrator[TFMQConfig]):
 
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         plan_tib_layers(denoiser, selection, find_temporal_block(denoiser, self.config.keep_first_time_linear), recipe)
+        if self.config.split_shortcut:
+            plan_split_shortcuts(denoiser, selection, conv1=self.config.split_conv1)
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         opts = self.config
         tib = find_temporal_block(denoiser, opts.keep_first_time_linear)
         _check_layers(layers, list(layers))
-        if opts.split_shortcut:
-            apply_split_shortcuts(denoiser, layers, conv1=opts.split_conv1)
         init_weight_scales(layers, opts.weight_observer)
         tib_set = set(tib.layers)
         steps = len({s.timestep for s in data.samples})

@@ -18,7 +18,7 @@ from dq.errors import DQError
 from dq.nn.base import SCALE_DTYPE
 from dq.nn.quant_conv import QuantConv2d
 from dq.nn.quantizer import ActQuantizer, WeightQuantizer
-from dq.nn.swap import FLOAT_LAYER_KIND, QUANT_LAYER_TYPES
+from dq.nn.swap import QUANT_LAYER_TYPES
 from dq.quant import QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
 from dq.sizes import tensors_bytes
@@ -150,19 +150,3 @@ class QuantSplitConv2d(QuantConv2d):
 
 QUANT_LAYER_TYPES[QuantSplitConv2d.kind] = QuantSplitConv2d
 
-
-def split_conv(layer: nn.Conv2d, split: int) -> QuantSplitConv2d:
-    """A QuantSplitConv2d built from a float or simulate-mode QuantConv2d, with min-max weight scales.
-
-    The new layer shares the weight Parameter and takes over the specs of `layer` when it is quantized.
-    """
-    if isinstance(layer, QuantSplitConv2d):
-        return layer
-    if isinstance(layer, QuantConv2d):
-        if layer.deployed:
-            raise DQError("cannot split a deployed conv; split before deployment.")
-        w_spec, a_spec = layer.weight_quantizer.spec, layer.act_quantizer.spec
-        return QuantSplitConv2d.from_float(layer, w_spec, a_spec, split=split, act_groups=layer.act_quantizer.groups)
-    if FLOAT_LAYER_KIND.get(type(layer)) != "conv2d":
-        raise DQError(f"only nn.Conv2d inputs can be split, got {type(layer).__name__}.")
-    raise DQError("split_conv needs a QuantConv2d (quantize the conv first).")

@@ -1,14 +1,15 @@
 """Split shortcut: split points at the concat boundary, separate quantizers, save/reload by plan."""
 
 import torch
+from tiny_pipelines import build
 from torch import nn
 
 from dq.calib.data import CalibData, CalibSample
-from dq.calib.qdiffusion import apply_split_shortcuts, find_split_points
+from dq.calib.qdiffusion import find_split_points, plan_split_shortcuts
 from dq.calib.timestep import calibrate_activations
 from dq.nn import LayerPlan, QuantConv2d, QuantSplitConv2d, plan_of, swap_layers
+from dq.nn.select import LayerSelection
 from dq.quant import PerChannel, PerTensor, QuantSpec
-from tiny_pipelines import build
 
 W_SPEC = QuantSpec("int4", PerChannel(), symmetric=False)
 A_SPEC = QuantSpec("int8", PerTensor(), symmetric=False)
@@ -76,16 +77,8 @@ def test_split_quantizers_cut_error_when_halves_differ():
         model = CatConv()
         ref = model(x, 10.0).detach()
         w8 = QuantSpec("int8", PerChannel(), symmetric=False)  # isolate the activation split
-        layers = swap_layers(model, {"conv_shortcut": LayerPlan("conv2d", w8, A_SPEC)})
-        if split:
-            model_layers = dict(layers)
-            from dq.calib.qdiffusion import split_conv
-            from dq.nn.swap import _set_module
-
-            new = split_conv(layers["conv_shortcut"], 32)
-            _set_module(model, "conv_shortcut", new)
-            layers = {"conv_shortcut": new}
-            assert new.act_quantizer is not model_layers["conv_shortcut"].act_quantizer
+        plan = LayerPlan("split_conv2d", w8, A_SPEC, {"split": 32}) if split else LayerPlan("conv2d", w8, A_SPEC)
+        layers = swap_layers(model, {"conv_shortcut": plan})
         calibrate_activations(model, layers, data, "minmax")
         with torch.no_grad():
             outs[split] = float((model(x, 10.0) - ref).pow(2).mean() / ref.pow(2).mean())
@@ -114,11 +107,12 @@ def test_split_layer_saves_and_reloads_from_its_plan():
     assert torch.equal(again(x, 10.0), y)
 
 
-def test_apply_split_shortcuts_swaps_only_decoder_shortcuts():
+def test_qdiffusion_plans_only_decoder_shortcuts_as_split_layers():
     unet = build("sd")[0].unet
-    names = [n for n in find_split_points(unet)]
-    layers = swap_layers(unet, {n: LayerPlan("conv2d", W_SPEC, A_SPEC) for n in names + ["down_blocks.1.resnets.0.conv_shortcut"]})
-    done = apply_split_shortcuts(unet, layers)
+    names = list(find_split_points(unet))
+    selection = LayerSelection({n: LayerPlan("conv2d", W_SPEC, A_SPEC) for n in names + ["down_blocks.1.resnets.0.conv_shortcut"]})
+    done = plan_split_shortcuts(unet, selection)
     assert sorted(done) == sorted(names)
-    assert all(isinstance(unet.get_submodule(n), QuantSplitConv2d) for n in names)
+    layers = swap_layers(unet, selection.plans)
+    assert all(isinstance(layers[n], QuantSplitConv2d) and layers[n].split == find_split_points(unet)[n] for n in names)
     assert type(unet.get_submodule("down_blocks.1.resnets.0.conv_shortcut")) is QuantConv2d
