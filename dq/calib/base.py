@@ -78,6 +78,9 @@ C = TypeVar("C", bound=CalibratorConfig)
 class Calibrator(ABC, Generic[C]):
     """Sets the quantizers of swapped (simulate-mode) layers from calibration data, before deployment."""
 
+    blockwise: ClassVar[bool] = True
+    """Whether the method can calibrate one block of the denoiser on its own (block-sequential calibration)."""
+
     def __init__(self, config: C) -> None:
         self.config = config
 

@@ -8,12 +8,15 @@ sliced to that prompt's rows (both CFG branches), in float16 on CPU. With a step
 samples were recorded (cache-aware calibration), each sample also keeps that step's cache state, and
 `CalibData.replay` pins it while the denoiser runs, so a replay computes exactly what the cache computes
 on that step.
+A sample can also live on disk (`stored`), read back only while its batch is replayed: block-sequential
+calibration spills a block's inputs there when they exceed its memory budget.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -42,6 +45,13 @@ class CalibSample:
     kwargs: dict
     rows: int
     cache_state: dict[str, Any] | None = None
+    stored: Path | None = None  # args and kwargs spilled to this file (read back per batch); else in memory
+
+    def inputs(self) -> tuple[tuple, dict]:
+        """(args, kwargs): in memory, or read back from the file the sample was spilled to."""
+        if self.stored is None:
+            return self.args, self.kwargs
+        return torch.load(self.stored, map_location="cpu", weights_only=True)
 
     @property
     def cached(self) -> bool:
@@ -83,7 +93,7 @@ class CalibData:
 
     @property
     def nbytes(self) -> int:
-        return sum(nested_bytes((s.args, s.kwargs)) for s in self.samples)
+        return sum(nested_bytes(s.inputs()) for s in self.samples)
 
     def rows(self) -> int:
         return sum(s.rows for s in self.samples)
@@ -109,7 +119,8 @@ class CalibData:
                 chunk = group[i : i + batch_size]
                 rows = [s.rows for s in chunk]
                 state = None if chunk[0].cache_state is None else collate([s.cache_state for s in chunk], rows)
-                yield CalibBatch(chunk, collate([s.args for s in chunk], rows), collate([s.kwargs for s in chunk], rows), state)
+                inputs = [s.inputs() for s in chunk]
+                yield CalibBatch(chunk, collate([a for a, _ in inputs], rows), collate([k for _, k in inputs], rows), state)
 
     def replay(self, denoiser: nn.Module, batch: CalibBatch) -> Any:
         """Call the denoiser on a batch, on its device and dtype, in the batch's cache state."""

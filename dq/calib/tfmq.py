@@ -174,6 +174,8 @@ def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, 
 class TFMQCalibrator(Calibrator[TFMQConfig]):
     """TFMQ-DM (Huang et al., CVPR 2024): TIAR for the temporal block, BRECQ for the rest, FSC activations."""
 
+    blockwise = False  # TIAR reconstructs the time embedding against every block's time projection at once
+
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         plan_tib_layers(denoiser, selection, find_temporal_block(denoiser, self.config.keep_first_time_linear), recipe)
         if self.config.split_shortcut:

@@ -1,7 +1,8 @@
 """`dq quantize MODEL --recipe NAME --out DIR`: quantize a pipeline's (or a model's) denoiser and save it.
 
-A local directory with a data-free recipe is streamed (dq.pipelines.streaming: one layer in memory at a time);
-reference names, hub ids and calibrated recipes load the pipeline and run dq.quantize.
+A local directory is never loaded whole: a data-free recipe is streamed (dq.pipelines.streaming: one layer in
+memory at a time), a calibrated one is calibrated block by block (dq.pipelines.sequential: one float block in
+memory at a time, resumable). Reference names and hub ids load the pipeline and run dq.quantize.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dq
 from dq.io import atomic_directory, check_writable
 from dq.metrics.perf import peak_memory
 from dq.pipelines.loading import load_pipeline
+from dq.pipelines.sequential import MAX_MEMORY, sequential_quantize
 from dq.pipelines.streaming import stream_quantize
 from dq.recipes import load_recipe
 
@@ -23,13 +25,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="a recipe name (see `dq recipes`) or a recipe .yaml path")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--max-memory", type=parse_bytes, default=MAX_MEMORY, metavar="SIZE",
+                        help="block-sequential calibration: calibration activations held in memory per block, "
+                             "the rest read from disk (e.g. 4GiB, 512MB; default 4GiB)")
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MB', '1e9' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    number = text.strip().lower().rstrip("bikmg")
+    unit = text.strip().lower()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 4GiB, 512MB or a byte count.") from None
 
 
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, args.overwrite)
     recipe = load_recipe(args.recipe)
-    if Path(args.model).expanduser().is_dir() and not recipe.needs_data:
-        print(stream_quantize(args.model, recipe, args.out, overwrite=args.overwrite))
+    if Path(args.model).expanduser().is_dir():
+        if recipe.needs_data:
+            print(sequential_quantize(args.model, recipe, args.out, max_memory=args.max_memory, overwrite=args.overwrite))
+        else:
+            print(stream_quantize(args.model, recipe, args.out, overwrite=args.overwrite))
         print(f"saved to {args.out}")
         return 0
     start = time.perf_counter()

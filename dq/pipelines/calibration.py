@@ -230,10 +230,10 @@ def collect(pipe: DiffusionPipeline, config: CalibConfig, sampling: Sampling | N
         path = Path(config.cache_dir) / f"calib-{cache_key(config, sampling, prompts, denoiser, replay)}.pt"
         if path.is_file():
             logger.info("dq: loading calibration data from %s", path)
-            return _load(path, replay)
+            return load_data(path, replay)
     data = _run(pipe, denoiser, prompts, config, sampling, replay)
     if path is not None:
-        _save(data, path)
+        save_data(data, path)
     return data
 
 
@@ -362,15 +362,16 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     raise DQError("found no batched tensor input of the denoiser to calibrate on.")
 
 
-def _save(data: CalibData, path: Path) -> None:
+def save_data(data: CalibData, path: Path) -> None:
+    """Store collected data (atomically); `load_data` reads it back."""
     blob = {"samples": [asdict(s) for s in data.samples], "schedule": data.schedule, "drawn": data.drawn}
     with atomic_file(path) as tmp:
         torch.save(blob, tmp)
 
 
-def _load(path: Path, replay: CalibrationReplay | None) -> CalibData:
+def load_data(path: Path, replay: CalibrationReplay | None = None) -> CalibData:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     return CalibData([CalibSample(**s) for s in blob["samples"]], blob["schedule"], blob["drawn"], replay)
 
 
-__all__ = ["CalibConfig", "calibration_data", "collect", "default_calib", "ndtc_draw", "nearest_step", "resolve_prompts", "uniform_steps"]
+__all__ = ["CalibConfig", "calibration_data", "collect", "default_calib", "load_data", "ndtc_draw", "nearest_step", "resolve_prompts", "save_data", "uniform_steps"]

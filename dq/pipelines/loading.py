@@ -43,7 +43,7 @@ def check_model(model: str) -> str:
     return model
 
 
-def _components_saved_as_none(directory: Path) -> dict[str, None]:
+def components_saved_as_none(directory: Path) -> dict[str, None]:
     """Components a local pipeline was saved without (model_index.json entry [null, null])."""
     entries = json.loads((directory / "model_index.json").read_text())
     return {name: None for name, value in entries.items() if isinstance(value, list) and value[0] is None}
@@ -63,7 +63,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     if model in reference.names():
         return reference.load(model, device=device, dtype=dtype)
     path = Path(model)
-    kwargs = _components_saved_as_none(path) if path.is_dir() else {}
+    kwargs = components_saved_as_none(path) if path.is_dir() else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -88,7 +89,7 @@ def release_freed_memory() -> None:
 
 
 @contextmanager
-def _stage(report: StreamReport, name: str) -> Iterator[None]:
+def stage(report: StreamReport, name: str) -> Iterator[None]:
     """Record the block's seconds and peak RSS (the kernel's high-water mark, reset at the start) as a stage."""
     start = time.perf_counter()
     with peak_memory("cpu") as peak:
@@ -121,15 +122,17 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def model_skeleton(model_dir: Path) -> tuple[nn.Module, dict]:
-    """The denoiser built from its config.json on the meta device (no memory), and that config."""
+def model_skeleton(model_dir: Path, buffers: bool = False) -> tuple[nn.Module, dict]:
+    """The denoiser built from its config.json on the meta device (no memory), and that config.
+
+    buffers: build the buffers for real (those computed at init and not stored, which a forward needs)."""
     config = json.loads((model_dir / "config.json").read_text())
     if "quantization_config" in config:
         raise DQError(f"{str(model_dir)!r} is already quantized; stream the float checkpoint instead.")
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if cls is None:
         raise DQError(f"config.json of {str(model_dir)!r} names class {config.get('_class_name')!r}, which diffusers does not have.")
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=not buffers):
         model = cls.from_config(config)
     return model, config
 
@@ -204,17 +207,17 @@ def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, ove
         )
     model_dir, pipeline_dir = denoiser_directory(path)
     report = StreamReport(recipe.name)
-    with _stage(report, "plan"):
+    with stage(report, "plan"):
         skeleton, config = model_skeleton(model_dir)
         files = checkpoint_files(model_dir)
         plans = plan_quantization(skeleton, recipe).selection.plans
     with atomic_directory(out, overwrite=overwrite) as tmp:
         target = tmp if pipeline_dir is None else tmp / model_dir.name
-        with _stage(report, "copy components"):
+        with stage(report, "copy components"):
             if pipeline_dir is not None:
-                _copy_other_components(pipeline_dir, model_dir.name, tmp)
+                copy_other_components(pipeline_dir, model_dir.name, tmp)
             target.mkdir(parents=True, exist_ok=True)
-        with _stage(report, "quantize + write"):
+        with stage(report, "quantize + write"):
             writer = ShardWriter(target, shard_bytes)
             _write_tensors(skeleton, plans, files, writer, report)
             report.bytes_out = writer.finish()
@@ -223,7 +226,7 @@ def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, ove
     return report
 
 
-def _read(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors of one checkpoint file, copied out of a mapping that is closed again at once, so the file's
     pages never accumulate in this process's resident memory."""
     with safe_open(str(file), framework="pt") as f:
@@ -246,7 +249,7 @@ def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict
     for name, file in files.items():
         module = name.rpartition(".")[0]
         if module not in plans:
-            tensor = _read(file, [name])[name]
+            tensor = read_tensors(file, [name])[name]
             report.bytes_in += tensor_bytes(tensor)
             writer.add(name, tensor)
             report.copied += 1
@@ -256,7 +259,7 @@ def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict
         keys = layer_tensors[module]
         tensors = {}
         for source in {files[k] for k in keys}:
-            tensors.update(_read(source, [k for k in keys if files[k] == source]))
+            tensors.update(read_tensors(source, [k for k in keys if files[k] == source]))
         report.bytes_in += sum(tensor_bytes(t) for t in tensors.values())
         plan = plans[module]
         float_layer = _float_layer(skeleton, module, {k.rpartition(".")[2]: v for k, v in tensors.items()})
@@ -273,7 +276,7 @@ def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict
     bar.close()
 
 
-def _copy_other_components(pipeline_dir: Path, denoiser: str, out: Path) -> None:
+def copy_other_components(pipeline_dir: Path, denoiser: str, out: Path) -> None:
     """Every file and folder of the pipeline except the denoiser, copied (not loaded)."""
     for item in pipeline_dir.iterdir():
         if item.name == denoiser:

@@ -1,0 +1,453 @@
+"""Block-sequential calibration of a pipeline on disk: one float block of the denoiser in memory at a time.
+
+`sequential_quantize(path, recipe, out)` quantizes the denoiser of a diffusers pipeline directory with a
+calibrated recipe without ever holding the float denoiser in memory:
+
+1. Capture. The FP pipeline runs once on the calibration prompts with the denoiser streamed: its glue
+   (embeddings, norms, projections in and out) is loaded, and each block is read from the safetensors files
+   just before it runs and freed after. The denoiser's inputs at the calibration steps are stored in the work
+   directory, and one traced call records which blocks' outputs reach which blocks' inputs
+   (`dq.calib.sequential.trace_block_flow`). Text encoders and VAE are freed when this ends.
+2. Blocks, in call order. A block's inputs are recomputed for every sample by the denoiser's own forward,
+   with the blocks before it replaying their stored outputs instead of running, and stopped at the block;
+   held in memory up to `max_memory`, spilled to disk beyond it. The float block is read, calibrated on
+   those inputs by the recipe's calibrator (through `BlockDenoiser`), quantized and packed. Its quantized
+   outputs are stored for the blocks that read them (as GPTQ's and BRECQ's sequential pipelines feed the
+   next block: the quantized model's inputs), its tensors written, and it is freed. A calibrator's targets
+   are the float block's outputs on those same inputs, not the float model's (BRECQ's asymmetric targets,
+   which `dq.quantize` in memory uses): the float model is never resident.
+3. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
+
+Each finished block is recorded in `<out>.dq-partial/`; a run interrupted at any point continues at the first
+unfinished block when started again with the same arguments. Memory: the glue, one float block, and the
+calibration activations of one block boundary (those beyond `max_memory` on disk).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
+from dq.calib.data import collate, map_tensors
+from dq.calib.quantize import QuantPlan
+from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, trace_block_flow
+from dq.calib.timestep import attach_timestep_hook
+from dq.errors import DQError
+from dq.io import atomic_directory, atomic_file, check_writable
+from dq.nn import plan_of, quant_layers
+from dq.nn.select import LayerSelection
+from dq.pipelines.calibration import CalibConfig, calibration_data, load_data, save_data
+from dq.pipelines.config import DQConfig
+from dq.pipelines.loading import components_saved_as_none
+from dq.pipelines.streaming import (
+    SHARD_BYTES,
+    ShardWriter,
+    StreamReport,
+    checkpoint_files,
+    copy_other_components,
+    denoiser_directory,
+    model_skeleton,
+    read_tensors,
+    release_freed_memory,
+    stage,
+)
+from dq.recipes import Recipe, load_recipe
+from dq.sizes import nested_bytes
+
+logger = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".dq-partial"
+JOB_VERSION = 1
+MAX_MEMORY = 4 * 2**30
+
+
+class _Reached(Exception):
+    """Raised at the block whose inputs are being captured, to end the denoiser's forward there."""
+
+
+@dataclass
+class _Job:
+    """The resumable state of one run: what it quantizes, the traced block flow, and the blocks done."""
+
+    key: dict[str, Any]
+    flow: dict[str, Any] | None = None
+    done: dict[str, dict] = field(default_factory=dict)  # block -> {layer name: layer plan}
+
+    @classmethod
+    def open(cls, work: Path, key: dict[str, Any]) -> "_Job":
+        state = work / "job.json"
+        if not state.is_file():
+            work.mkdir(parents=True, exist_ok=True)
+            return cls(key)
+        job = cls(**json.loads(state.read_text()))
+        if job.key != key:
+            raise DQError(
+                f"{str(work)!r} holds an unfinished run of different settings (model, recipe or calibration); "
+                "resume it with the same arguments, or delete that directory to start over."
+            )
+        logger.info("dq: resuming %s: %d block(s) already done", work, len(job.done))
+        return job
+
+    def save(self, work: Path) -> None:
+        with atomic_file(work / "job.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True, default=str))
+
+
+def _job_key(model_dir: Path, files: dict[str, Path], recipe: Recipe, calib: CalibConfig | None) -> dict[str, Any]:
+    sizes = {p.name: p.stat().st_size for p in sorted(set(files.values()))}
+    calib_settings = None if calib is None else json.loads(json.dumps(asdict(calib), sort_keys=True, default=str))
+    return {"version": JOB_VERSION, "model": str(model_dir.resolve()), "files": sizes, "recipe": recipe.to_dict(), "calib": calib_settings}
+
+
+# -- the float checkpoint, module by module -----------------------------------------------------------------
+class Checkpoint:
+    """The denoiser's safetensors files, read one module's tensors at a time into a skeleton."""
+
+    def __init__(self, skeleton: nn.Module, files: dict[str, Path]) -> None:
+        self.skeleton, self.files = skeleton, files
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in {self.files[n] for n in names}:
+            tensors.update(read_tensors(file, [n for n in names if self.files[n] == file]))
+        return tensors
+
+    def _load(self, module: nn.Module, expected: list[str], prefix: str) -> None:
+        """Put the checkpoint's tensors `expected` (names inside `module`) into `module`, cast to its dtypes as
+        from_pretrained casts them; buffers computed at init and not stored are kept."""
+        full = {f"{prefix}.{n}" if prefix else n: n for n in expected}
+        missing = sorted(n for n in full if n not in self.files)
+        if missing:
+            raise DQError(f"the checkpoint has no tensors {missing[:5]}; it does not match its config.json.")
+        current = module.state_dict()
+        tensors = {full[n]: t for n, t in self.read(list(full)).items()}
+        cast = {n: t.to(current[n].dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+        module.load_state_dict(cast, strict=False, assign=True)
+
+    def load_block(self, name: str) -> nn.Module:
+        """The block `name` of the skeleton, materialized on CPU with its float weights."""
+        block = self.skeleton.get_submodule(name)
+        self._load(block, list(block.state_dict()), name)
+        return block
+
+    def load_glue(self, blocks: list[str]) -> None:
+        """Materialize everything of the skeleton outside the blocks."""
+        glue = [n for n in self.skeleton.state_dict() if not any(n.startswith(b + ".") for b in blocks)]
+        self._load(self.skeleton, glue, "")
+
+
+def _glue_names(files: dict[str, Path], blocks: list[str]) -> list[str]:
+    return [n for n in files if not any(n.startswith(b + ".") for b in blocks)]
+
+
+class _StreamedBlocks:
+    """Context: every block is read from the checkpoint just before it runs and freed right after."""
+
+    def __init__(self, checkpoint: Checkpoint, blocks: dict[str, nn.Module]) -> None:
+        self.checkpoint, self.blocks, self.handles = checkpoint, blocks, []
+
+    def __enter__(self) -> "_StreamedBlocks":
+        for name, block in self.blocks.items():
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, n=name: self.checkpoint.load_block(n) and None))
+            self.handles.append(block.register_forward_hook(lambda m, a, out: _free(m)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _free(module: nn.Module) -> None:
+    module.to(device="meta")
+    release_freed_memory()
+
+
+# -- replaying the blocks before the one being calibrated --------------------------------------------------
+class _Outputs:
+    """The quantized outputs of finished blocks, one file per block and sample, kept while a later block reads
+    them; and the shape of every output (a block nobody reads still returns zeros of its shape to the glue)."""
+
+    def __init__(self, work: Path) -> None:
+        self.values, self.shapes = work / "outputs", work / "output-shapes"
+
+    def save(self, block: str, sample: int, output: Any, keep: bool) -> None:
+        for root, obj in ((self.shapes, map_tensors(output, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))),
+                          (self.values, map_tensors(output, lambda t: t.detach().clone()) if keep else None)):
+            if obj is not None:
+                (root / block).mkdir(parents=True, exist_ok=True)
+                torch.save(obj, root / block / f"{sample:05d}.pt")
+
+    def replay(self, block: str, samples: list[int], rows: list[int], read: bool) -> Any:
+        """The block's stored outputs for `samples` (collated along rows), or zeros of their shape when the
+        module being fed does not read them."""
+        if read:
+            outs = [torch.load(self.values / block / f"{i:05d}.pt", weights_only=True) for i in samples]
+        else:
+            shapes = [torch.load(self.shapes / block / f"{i:05d}.pt", weights_only=True) for i in samples]
+            outs = [map_tensors(shape, lambda t: torch.zeros(t.shape, dtype=t.dtype)) for shape in shapes]
+        return collate(outs, rows)
+
+    def drop(self, block: str) -> None:
+        """Forget the block's output values: the last block reading them is done."""
+        shutil.rmtree(self.values / block, ignore_errors=True)
+
+
+class _Replaying:
+    """Context: the named blocks return their stored outputs for the current samples instead of running."""
+
+    def __init__(self, blocks: dict[str, nn.Module], names: list[str], outputs: _Outputs, reads: set[str]) -> None:
+        self.blocks, self.names, self.outputs, self.reads = blocks, names, outputs, reads
+        self.samples: list[int] = []
+        self.rows: list[int] = []
+
+    def __enter__(self) -> "_Replaying":
+        for b in self.names:
+            self.blocks[b].forward = lambda *a, _b=b, **k: self.outputs.replay(_b, self.samples, self.rows, _b in self.reads)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for b in self.names:
+            self.blocks[b].__dict__.pop("forward", None)
+
+
+class GlueDenoiser(nn.Module):
+    """The denoiser with every block replaying its stored outputs, called as a denoiser on keyword arguments
+    only (`timestep` for the quantizers, `sample`: each row's sample index), to calibrate the glue's layers."""
+
+    def __init__(self, denoiser: nn.Module, replaying: _Replaying) -> None:
+        super().__init__()
+        self.replay_dtype = nn.Parameter(torch.empty(0), requires_grad=False)  # see BlockDenoiser
+        self.denoiser = denoiser
+        self.replaying = replaying
+
+    def forward(self, timestep: torch.Tensor, sample: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        ids, counts = sample.unique_consecutive(return_counts=True)
+        self.replaying.samples, self.replaying.rows = ids.tolist(), counts.tolist()
+        return self.denoiser(*args, **kwargs)
+
+
+def _replay_inputs(sample: CalibSample) -> tuple[tuple, dict]:
+    """A stored denoiser call, as the float32 skeleton takes it."""
+    args, kwargs = sample.inputs()
+    cast = lambda t: t.to(dtype=torch.float32) if t.is_floating_point() else t  # noqa: E731
+    return map_tensors(args, cast), map_tensors(kwargs, cast)
+
+
+def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, name: str, data: CalibData,
+                         outputs: _Outputs, spill: Path, max_memory: int) -> CalibData:
+    """The inputs of block `name` for every sample: the denoiser's forward with the earlier blocks replaying
+    their stored outputs, stopped at the block. In memory up to `max_memory` bytes, then spilled to `spill`."""
+    found: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        found["inputs"] = map_tensors((args, kwargs), lambda t: t.detach().clone())
+        raise _Reached
+
+    samples, held = [], 0
+    handle = blocks[name].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with _Replaying(blocks, flow.order[: flow.order.index(name)], outputs, set(flow.sources[name])) as replaying, torch.no_grad():
+            for i, s in enumerate(data.samples):
+                replaying.samples, replaying.rows = [i], [s.rows]
+                found.clear()
+                args, kwargs = _replay_inputs(s)
+                try:
+                    denoiser(*args, **kwargs)
+                except _Reached:
+                    pass
+                if "inputs" not in found:
+                    raise DQError(f"block {name!r} did not run for calibration sample {i}; block-sequential calibration needs every block to run on every sample.")
+                kw = block_inputs(torch.full((s.rows,), s.timestep), *found["inputs"])
+                held += nested_bytes(kw)
+                sample = CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows)
+                if held > max_memory:
+                    spill.mkdir(parents=True, exist_ok=True)
+                    sample.stored, sample.kwargs = spill / f"{i:05d}.pt", {}
+                    torch.save(((), kw), sample.stored)
+                samples.append(sample)
+    finally:
+        handle.remove()
+    return CalibData(samples, data.schedule, data.drawn)
+
+
+def glue_data(data: CalibData) -> CalibData:
+    """The denoiser's calibration samples as GlueDenoiser calls."""
+    samples = []
+    for i, s in enumerate(data.samples):
+        args, kwargs = s.inputs()
+        kw = {"timestep": torch.full((s.rows,), s.timestep), "sample": torch.full((s.rows,), i), "args": args, "kwargs": kwargs}
+        samples.append(CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows))
+    return CalibData(samples, data.schedule, data.drawn)
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+def sequential_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, calib: CalibConfig | None = None,
+                        max_memory: int = MAX_MEMORY, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> StreamReport:
+    """Quantize the denoiser of a pipeline directory with a calibrated recipe, one float block in memory at a time.
+
+    Args:
+        path: a diffusers pipeline directory (its text encoders and VAE generate the calibration data).
+        recipe: a calibrated recipe (name, YAML path or Recipe) whose method calibrates block by block.
+        out: the output pipeline directory, written atomically; an existing one only with `overwrite`.
+        calib: how calibration data is collected (as for dq.quantize); None: the bundled default.
+        max_memory: bytes of one block's calibration inputs held in memory; the rest is read from disk.
+        shard_bytes: size of the output's safetensors shards.
+
+    Example:
+        >>> report = sequential_quantize("my-sdxl-finetune", "svdquant-w4a4", "my-sdxl-w4a4")
+        >>> print(report)   # time and peak memory per stage and per block
+    """
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    recipe = load_recipe(recipe)
+    if not recipe.needs_data:
+        raise DQError(f"recipe {recipe.name!r} is data-free; stream it with dq.pipelines.streaming.stream_quantize (dq quantize does).")
+    if not isinstance(max_memory, int) or max_memory < 0:
+        raise DQError(f"max_memory must be a byte count >= 0, got {max_memory!r}.")
+    check_writable(out, overwrite)
+    model_dir, pipeline_dir = denoiser_directory(path)
+    if pipeline_dir is None:
+        raise DQError(
+            f"recipe {recipe.name!r} calibrates on the pipeline's outputs, and {str(path)!r} is a model directory; "
+            "pass the pipeline directory (model_index.json, text encoders, VAE, scheduler)."
+        )
+    report = StreamReport(recipe.name)
+    with stage(report, "plan"):
+        skeleton, config = model_skeleton(model_dir, buffers=True)
+        files = checkpoint_files(model_dir)
+        plan = plan_quantization(skeleton, recipe)
+        if not plan.calibrator.blockwise:
+            raise DQError(
+                f"recipe {recipe.name!r} ({recipe.method}) calibrates across blocks and cannot run block by block; "
+                "quantize the pipeline in memory with dq.quantize."
+            )
+        blocks = denoiser_blocks(skeleton)
+        glue = glue_plan(plan, list(blocks))
+        checkpoint = Checkpoint(skeleton, files)
+        checkpoint.load_glue(list(blocks))
+    work = out.with_name(out.name + WORK_SUFFIX)
+    job = _Job.open(work, _job_key(model_dir, files, recipe, calib))
+    with stage(report, "capture"):
+        data, flow = _capture(work, job, checkpoint, blocks, [skeleton.get_submodule(n) for n in glue.selection.plans],
+                              pipeline_dir, model_dir.name, recipe, calib)
+    outputs = _Outputs(work)
+    last_reader = flow.last_reader()
+    for name in tqdm(flow.order, desc=f"dq: block-sequential {recipe.name}", leave=False):
+        if name in job.done:
+            continue
+        with stage(report, f"block {name}"):
+            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, outputs, work / "inputs" / name, max_memory)
+            job.done[name] = _quantize_block(checkpoint, name, recipe, plan, block_data, outputs, work, keep=name in last_reader)
+            for source, reader in last_reader.items():
+                if reader == name:
+                    outputs.drop(source)
+            shutil.rmtree(work / "inputs" / name, ignore_errors=True)
+            del block_data
+            release_freed_memory()
+        job.save(work)
+        seconds, peak = report.stages[f"block {name}"]
+        logger.info("dq: block %s done (%d/%d): %.1f s, peak RSS %.0f MiB", name, len(job.done), len(flow.order), seconds, peak / 2**20)
+    if glue.selection.plans and GLUE not in job.done:
+        with stage(report, "glue"):
+            job.done[GLUE] = _quantize_glue(skeleton, blocks, flow, recipe, glue, data, outputs, work)
+        job.save(work)
+    report.quantized = sum(len(plans) for plans in job.done.values())
+    with stage(report, "write"):
+        _write_output(out, overwrite, pipeline_dir, model_dir.name, config, files, flow, job, recipe, work, shard_bytes, report)
+    shutil.rmtree(work)
+    return report
+
+
+def _capture(work: Path, job: _Job, checkpoint: Checkpoint, blocks: dict[str, nn.Module], glue_layers: list[nn.Module],
+             pipeline_dir: Path, denoiser_name: str, recipe: Recipe, calib: CalibConfig | None) -> tuple[CalibData, BlockFlow]:
+    """The denoiser's calibration inputs and the blocks' data flow: from the work directory, else by running the
+    FP pipeline with the denoiser streamed block by block."""
+    stored = work / "capture.pt"
+    if job.flow is not None and stored.is_file():
+        return load_data(stored), BlockFlow(**job.flow)
+    skeleton = checkpoint.skeleton
+    with _StreamedBlocks(checkpoint, blocks):
+        components = {**components_saved_as_none(pipeline_dir), denoiser_name: skeleton}
+        pipe = DiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, **components)
+        try:
+            data = calibration_data(pipe, recipe, calib)
+        finally:
+            del pipe
+            gc.collect()
+            release_freed_memory()
+        args, kwargs = _replay_inputs(data.samples[0])
+        flow = trace_block_flow(blocks, lambda: skeleton(*args, **kwargs), glue_layers)
+    save_data(data, stored)
+    job.flow = asdict(flow)
+    job.save(work)
+    return data, flow
+
+
+def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: QuantPlan, data: CalibData, outputs: _Outputs,
+                    work: Path, keep: bool) -> dict[str, dict]:
+    """Read, calibrate, quantize and store one block, and store its outputs; returns its layers' plans."""
+    block = checkpoint.load_block(name)
+    model = BlockDenoiser(block, torch.float32)
+    quantize_model(model, recipe, data, block_plan(plan, name))
+    attach_timestep_hook(model)
+    with torch.no_grad():
+        for i, s in enumerate(data.samples):
+            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1))), keep)
+    _save_tensors(work / "blocks" / f"{name}.safetensors", {f"{name}.{k}": v for k, v in block.state_dict().items()})
+    _free(block)
+    cut = len(BLOCK_PREFIX) + 1
+    return {f"{name}.{n[cut:]}": plan_of(layer).to_dict() for n, layer in quant_layers(model)}
+
+
+def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, recipe: Recipe, glue: QuantPlan,
+                   data: CalibData, outputs: _Outputs, work: Path) -> dict[str, dict]:
+    """Calibrate and quantize the layers outside the blocks, with every block replaying its quantized outputs."""
+    with _Replaying(blocks, flow.order, outputs, set(flow.sources.get(GLUE, []))) as replaying:
+        model = GlueDenoiser(skeleton, replaying)
+        prefixed = {f"denoiser.{n}": p for n, p in glue.selection.plans.items()}
+        quantize_model(model, recipe, glue_data(data), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
+    tensors = {k: v for k, v in skeleton.state_dict().items() if not any(k.startswith(b + ".") for b in blocks)}
+    _save_tensors(work / "glue.safetensors", tensors)
+    return {n: plan_of(skeleton.get_submodule(n)).to_dict() for n in glue.selection.plans}
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _write_output(out: Path, overwrite: bool, pipeline_dir: Path, denoiser_name: str, config: dict, files: dict[str, Path],
+                  flow: BlockFlow, job: _Job, recipe: Recipe, work: Path, shard_bytes: int, report: StreamReport) -> None:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        copy_other_components(pipeline_dir, denoiser_name, tmp)
+        target = tmp / denoiser_name
+        target.mkdir()
+        writer = ShardWriter(target, shard_bytes)
+        if GLUE in job.done:
+            for key, value in load_file(str(work / "glue.safetensors")).items():
+                writer.add(key, value)
+        else:
+            for name in _glue_names(files, flow.order):
+                writer.add(name, read_tensors(files[name], [name])[name])
+                report.copied += 1
+        for block in flow.order:
+            for key, value in load_file(str(work / "blocks" / f"{block}.safetensors")).items():
+                writer.add(key, value)
+        report.bytes_out = writer.finish()
+        report.bytes_in = sum(p.stat().st_size for p in set(files.values()))
+        modules = {n: p for plans in job.done.values() for n, p in plans.items()}
+        config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules=modules).to_dict()
+        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+

@@ -1,0 +1,130 @@
+"""Block-sequential calibration of a pipeline on disk: the block data flow, quality against in-memory
+quantization, at most two float blocks resident, resume after an interruption, and refusals."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tiny_pipelines import build, run
+
+import dq
+from dq.calib.sequential import GLUE, denoiser_blocks, trace_block_flow
+from dq.nn import quant_layers
+from dq.pipelines import sequential
+from dq.pipelines.sequential import WORK_SUFFIX, sequential_quantize
+from dq.recipes import load_recipe
+
+FAST = {"iters": 4, "act_iters": 2, "recon_samples": 2, "batch_size": 2}
+
+
+def _saved(family, directory):
+    """A tiny pipeline saved to `directory`, the kwargs that run it, and a CalibConfig (prompt embeddings)."""
+    pipe, kwargs = build(family)
+    pipe.save_pretrained(directory)
+    pipe_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_inference_steps", "output_type")}
+    calib = dq.CalibConfig(prompts=["p"] * 2, steps=4, samples=2, batch_size=2, pipeline_kwargs=pipe_kwargs)
+    return pipe, kwargs, calib
+
+
+def _recipe(name):
+    recipe = load_recipe(name)
+    return dataclasses.replace(recipe, options={**recipe.options, **{k: v for k, v in FAST.items() if k in recipe.options}})
+
+
+def _load(directory):
+    return DiffusionPipeline.from_pretrained(directory, dtype=torch.float32, text_encoder=None, tokenizer=None)
+
+
+def test_block_flow_follows_the_unet_skip_connections():
+    unet = build("sd")[0].unet
+    blocks = denoiser_blocks(unet)
+    flow = trace_block_flow(blocks, lambda: unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 7, 64)),
+                            [unet.conv_out])
+    assert flow.order == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"]
+    assert flow.sources["mid_block"] == ["down_blocks.2"]
+    assert flow.sources["up_blocks.0"] == ["down_blocks.1", "down_blocks.2", "mid_block"]  # its skips, and h
+    assert flow.sources["up_blocks.2"] == ["down_blocks.0", "up_blocks.1"]
+    assert flow.sources[GLUE] == ["up_blocks.2"]
+    assert flow.last_reader()["down_blocks.0"] == "up_blocks.2" and flow.last_reader()["up_blocks.2"] == GLUE
+
+
+@pytest.mark.parametrize("family,recipe", [("pixart", "w4a8-timestep"), ("pixart", "svdquant-w4a4"), ("sd", "w4a8-qdiffusion"),
+                                           ("pixart", "w8a8-ptq4dm")])
+def test_block_sequential_is_as_close_to_fp_as_in_memory(tmp_path, family, recipe):
+    pipe, kwargs, calib = _saved(family, tmp_path / "fp")
+    recipe = _recipe(recipe)
+    if recipe.method == "qdiffusion":  # reconstruction replays per unit: one decoder block (with split shortcuts) keeps it fast
+        recipe = dataclasses.replace(recipe, only=("up_blocks.1.*",))
+    report = sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
+    denoiser = lambda p: p.unet if family == "sd" else p.transformer  # noqa: E731
+    assert sorted(s for s in report.stages if s.startswith("block ")) == sorted(f"block {b}" for b in denoiser_blocks(denoiser(pipe)))
+    assert not (tmp_path / ("q" + WORK_SUFFIX)).exists()
+    ref = run(pipe, kwargs)
+    streamed = _load(tmp_path / "q")
+    in_memory = _load(tmp_path / "fp")
+    dq.quantize(in_memory, recipe, calib=calib)
+    layers = {n: type(m) for n, m in quant_layers(denoiser(streamed))}
+    assert layers == {n: type(m) for n, m in quant_layers(denoiser(in_memory))} and report.quantized == len(layers)
+    if recipe.method == "qdiffusion":
+        assert "QuantSplitConv2d" in {t.__name__ for t in layers.values()}
+    error = {name: float((run(p, kwargs) - ref).norm() / ref.norm()) for name, p in (("seq", streamed), ("mem", in_memory))}
+    assert 0 < error["seq"] < 1.25 * error["mem"], error
+
+
+def test_no_more_than_two_float_blocks_are_resident(tmp_path):
+    _saved("pixart", tmp_path / "fp")
+    seen, most = [], [0]
+
+    def count(module, args):
+        if type(module).__name__ == "BasicTransformerBlock":
+            if all(module is not m for m in seen):
+                seen.append(module)
+            resident = sum(any(p.device.type != "meta" for p in m.parameters()) for m in seen)
+            most[0] = max(most[0], resident)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        sequential_quantize(tmp_path / "fp", _recipe("w4a8-timestep"), tmp_path / "q", calib=_saved("pixart", tmp_path / "fp2")[2])
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and 1 <= most[0] <= 2
+
+
+def test_an_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
+    _, kwargs, calib = _saved("sd", tmp_path / "fp")
+    recipe = _recipe("w4a8-timestep")
+    sequential_quantize(tmp_path / "fp", recipe, tmp_path / "whole", calib=calib)
+
+    done = []
+    real = sequential._quantize_block
+
+    def interrupted(checkpoint, name, *args, **kw):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(name)
+        return real(checkpoint, name, *args, **kw)
+
+    monkeypatch.setattr(sequential, "_quantize_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
+    assert not (tmp_path / "q").exists() and (tmp_path / ("q" + WORK_SUFFIX) / "job.json").is_file()
+    with pytest.raises(dq.DQError, match="different settings"):
+        sequential_quantize(tmp_path / "fp", "w8a8-ptq4dm", tmp_path / "q", calib=calib)
+
+    resumed = []
+    monkeypatch.setattr(sequential, "_quantize_block", lambda c, name, *a, **k: resumed.append(name) or real(c, name, *a, **k))
+    report = sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
+    assert "capture" in report.stages and not set(resumed) & set(done) and len(done) + len(resumed) == 7
+    assert torch.equal(run(_load(tmp_path / "q"), kwargs), run(_load(tmp_path / "whole"), kwargs))
+
+
+def test_bad_input_is_refused_and_writes_nothing(tmp_path):
+    _, _, calib = _saved("sd", tmp_path / "fp")
+    with pytest.raises(dq.DQError, match="calibrates across blocks"):
+        sequential_quantize(tmp_path / "fp", "w4a8-tfmq", tmp_path / "a", calib=calib)
+    with pytest.raises(dq.DQError, match="model directory"):
+        sequential_quantize(tmp_path / "fp" / "unet", "w4a8-timestep", tmp_path / "b", calib=calib)
+    with pytest.raises(dq.DQError, match="data-free"):
+        sequential_quantize(tmp_path / "fp", "w4a16", tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]
