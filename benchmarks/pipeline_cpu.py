@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -30,10 +29,10 @@ from torch import nn
 
 from dq.calib import plan_quantization
 from dq.kernels.reference import release_scratch, scratch_bytes
-from dq.metrics.perf import peak_memory
-from dq.sizes import module_bytes
+from dq.metrics.perf import cpu_name, peak_memory
 from dq.nn import deploy_all, swap_layers
 from dq.recipes import load_recipe
+from dq.sizes import module_bytes
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # the rest is UNet2DConditionModel's default (SD1.x)
 SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
@@ -48,7 +47,6 @@ DEFAULT_RECIPES = "w8a8,w4a16,svdquant-w4a8,svdquant-w4a4"
 def build(model: str, resolution: int, batch: int) -> tuple[nn.Module, dict]:
     """(FP32 denoiser with random weights, its inputs for `batch` images of resolution x resolution)."""
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
-
     from pipeline import PIXART_SIGMA_XL  # the GPU benchmark's published config
 
     torch.manual_seed(0)
@@ -108,13 +106,6 @@ def interleaved(fp: nn.Module, variant: nn.Module, inputs: dict, rounds: int) ->
     ratio = statistics.median(v / f for v, f in zip(var_s, fp_s))
     return {"fp_s": statistics.median(fp_s), "step_s": statistics.median(var_s), "ratio": ratio, "fp_times_s": fp_s, "times_s": var_s,
             "fp_step_peak_bytes": fp_peak, "step_peak_bytes": var_peak, "scratch_bytes": scratch_bytes()}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline import FLUX_DEV, PIXART_SIGMA_XL  # noqa: E402  the published configs
 
+from dq.metrics.perf import cpu_name  # noqa: E402
 from dq.pipelines.streaming import ShardWriter  # noqa: E402
 
 CONFIGS = {"pixart": ("PixArtTransformer2DModel", PIXART_SIGMA_XL), "flux": ("FluxTransformer2DModel", FLUX_DEV)}
@@ -126,11 +126,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     result = {"model": args.model, "config": CONFIGS[args.model][0], "cpu": cpu, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "checkpoint_bytes": ckpt_bytes, "write_seconds": write_seconds, "rows": rows}
     out_dir = Path(args.out)

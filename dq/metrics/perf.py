@@ -9,6 +9,7 @@ after warm-up and reported as medians. Peak memory is the CUDA caching allocator
 from __future__ import annotations
 
 import logging
+import platform
 import resource
 import statistics
 import sys
@@ -276,3 +277,12 @@ def measure_pipeline(
         warmup=warmup,
         repeats=repeats,
     )
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark tables; the platform's machine type elsewhere."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
