@@ -58,11 +58,10 @@ print(json.dumps({"seconds": seconds, "stages": report.stages, "bytes_in": repor
 """
 
 
-def write_random_checkpoint(model: str, directory: Path, shard_bytes: int) -> int:
-    """A BF16 checkpoint of random weights (std 0.02, norms at 1) from the published config; returns its bytes."""
+def write_random_checkpoint(class_name: str, config: dict, directory: Path, shard_bytes: int) -> int:
+    """A BF16 checkpoint of random weights (std 0.02, norms at 1) of a diffusers model config; returns its bytes."""
     import diffusers
 
-    class_name, config = CONFIGS[model]
     with torch.device("meta"):
         net = getattr(diffusers, class_name)(**config)
     net.save_config(directory)
@@ -108,7 +107,7 @@ def main() -> None:
     start = time.perf_counter()
     shutil.rmtree(checkpoint, ignore_errors=True)
     checkpoint.mkdir(parents=True)
-    ckpt_bytes = write_random_checkpoint(args.model, checkpoint, int(args.shard_gb * 2**30))
+    ckpt_bytes = write_random_checkpoint(*CONFIGS[args.model], checkpoint, int(args.shard_gb * 2**30))
     write_seconds = time.perf_counter() - start
     rows = []
     for recipe in args.recipes:

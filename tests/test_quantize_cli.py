@@ -70,3 +70,16 @@ def test_interrupted_in_memory_save_leaves_nothing(fp_dir, tmp_path, monkeypatch
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "nope"), "--recipe", "w8a8", "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_calibrated_recipe_on_a_pipeline_directory_runs_block_by_block(tmp_path, capsys):
+    from dq import reference
+
+    out = tmp_path / "q"
+    args = ["quantize", str(reference.path("ref-pixart")), "--recipe", "w4a8-timestep", "--out", str(out),
+            "--calib-samples", "2", "--calib-steps", "4", "--max-memory", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "block transformer_blocks.0:" in printed and "capture:" in printed and "peak RSS" in printed
+    assert '"quant_method": "dq"' in (out / "transformer" / "config.json").read_text()
+    assert (out / "text_encoder").is_dir() and not (tmp_path / "q.dq-partial").exists()

@@ -8,7 +8,8 @@ whatever the model's size. The output is a diffusers model directory (sharded sa
 config.json with the quantization_config) that plain `from_pretrained` loads after `import dq`, equal to
 `dq.quantize` of the same weights in memory. For a pipeline directory, the other components are copied.
 
-Only data-free recipes stream; calibrated ones need the denoiser's activations (`dq.quantize` in memory).
+Only data-free recipes stream; calibrated ones need the denoiser's activations: `dq.pipelines.sequential` calibrates
+them one block at a time from a pipeline directory, with the same skeleton, checkpoint reader and shard writer.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, ove
     if recipe.needs_data:
         raise DQError(
             f"recipe {recipe.name!r} calibrates on data ({recipe.method}), which needs the whole pipeline; streaming "
-            "quantizes data-free recipes only. Use dq.quantize(pipe, recipe, calib=...) in memory."
+            "quantizes data-free recipes only. Calibrate the pipeline directory block by block "
+            "(dq.pipelines.sequential.sequential_quantize, which dq quantize runs) or in memory (dq.quantize)."
         )
     model_dir, pipeline_dir = denoiser_directory(path)
     report = StreamReport(recipe.name)

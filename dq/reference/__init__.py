@@ -40,6 +40,7 @@ __all__ = [
     "is_video",
     "load",
     "name_of",
+    "name_of_source",
     "names",
     "path",
     "prompts",
@@ -100,10 +101,16 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
 def name_of(pipe) -> str | None:
     """The reference name a pipeline was loaded from (by its directory), or None for any other pipeline."""
-    source = getattr(pipe, "name_or_path", None)
+    return name_of_source(getattr(pipe, "name_or_path", None))
+
+
+def name_of_source(source: str | Path | None) -> str | None:
+    """The reference name `source` is, or whose directory it is; None for anything else."""
     if not source:
         return None
-    resolved = Path(source).resolve()
+    if str(source) in names():
+        return str(source)
+    resolved = Path(source).expanduser().resolve()
     return next((name for name in names() if path(name).resolve() == resolved), None)
 
 
