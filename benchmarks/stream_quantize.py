@@ -69,7 +69,7 @@ def write_random_checkpoint(class_name: str, config: dict, directory: Path, shar
     gen = torch.Generator().manual_seed(0)
     for name, t in net.state_dict().items():
         value = torch.ones(t.shape) if name.endswith(("norm.weight", "norm_q.weight", "norm_k.weight")) else torch.randn(t.shape, generator=gen) * 0.02
-        writer.add(name, value.to(torch.bfloat16))
+        writer.add({name: value.to(torch.bfloat16)})
     return writer.finish()
 
 

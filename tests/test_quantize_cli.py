@@ -39,8 +39,10 @@ def test_quantize_refuses_existing_output(fp_dir, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_interrupted_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):
+def test_interrupted_stream_leaves_no_output_and_resumes(fp_dir, tmp_path, monkeypatch):
     from dq.pipelines.streaming import ShardWriter
+
+    real = ShardWriter.finish
 
     def crash(self):
         (self.directory / "partial.bin").write_bytes(b"half")
@@ -50,7 +52,10 @@ def test_interrupted_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
         main(["quantize", str(fp_dir), "--recipe", "w4a16", "--out", str(out)])
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["q.dq-partial"]  # the resumable state, not an output
+    monkeypatch.setattr(ShardWriter, "finish", real)
+    assert main(["quantize", str(fp_dir), "--recipe", "w4a16", "--out", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 def test_interrupted_in_memory_save_leaves_nothing(fp_dir, tmp_path, monkeypatch):

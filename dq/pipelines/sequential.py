@@ -18,7 +18,7 @@ calibrated recipe without ever holding the float denoiser in memory:
    which `dq.quantize` in memory uses): the float model is never resident.
 3. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
 
-Each finished block is recorded in `<out>.dq-partial/`; a run interrupted at any point continues at the first
+Each finished block is recorded in `<out>.dq-partial/` (`dq.pipelines.streaming.WorkDir`); a run interrupted at any point continues at the first
 unfinished block when started again with the same arguments. Memory: the glue, one float block, and the
 calibration activations of one block boundary (those beyond `max_memory` on disk).
 """
@@ -29,7 +29,7 @@ import gc
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,14 @@ from dq.pipelines.streaming import (
     SHARD_BYTES,
     ShardWriter,
     StreamReport,
+    WorkDir,
     checkpoint_files,
     copy_other_components,
     denoiser_directory,
     model_skeleton,
     read_tensors,
     release_freed_memory,
+    run_key,
     stage,
 )
 from dq.recipes import Recipe, load_recipe
@@ -68,47 +70,11 @@ from dq.sizes import nested_bytes
 
 logger = logging.getLogger(__name__)
 
-WORK_SUFFIX = ".dq-partial"
-JOB_VERSION = 1
 MAX_MEMORY = 4 * 2**30
 
 
 class _Reached(Exception):
     """Raised at the block whose inputs are being captured, to end the denoiser's forward there."""
-
-
-@dataclass
-class _Job:
-    """The resumable state of one run: what it quantizes, the traced block flow, and the blocks done."""
-
-    key: dict[str, Any]
-    flow: dict[str, Any] | None = None
-    done: dict[str, dict] = field(default_factory=dict)  # block -> {layer name: layer plan}
-
-    @classmethod
-    def open(cls, work: Path, key: dict[str, Any]) -> "_Job":
-        state = work / "job.json"
-        if not state.is_file():
-            work.mkdir(parents=True, exist_ok=True)
-            return cls(key)
-        job = cls(**json.loads(state.read_text()))
-        if job.key != key:
-            raise DQError(
-                f"{str(work)!r} holds an unfinished run of different settings (model, recipe or calibration); "
-                "resume it with the same arguments, or delete that directory to start over."
-            )
-        logger.info("dq: resuming %s: %d block(s) already done", work, len(job.done))
-        return job
-
-    def save(self, work: Path) -> None:
-        with atomic_file(work / "job.json") as tmp:
-            tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True, default=str))
-
-
-def _job_key(model_dir: Path, files: dict[str, Path], recipe: Recipe, calib: CalibConfig | None) -> dict[str, Any]:
-    sizes = {p.name: p.stat().st_size for p in sorted(set(files.values()))}
-    calib_settings = None if calib is None else json.loads(json.dumps(asdict(calib), sort_keys=True, default=str))
-    return {"version": JOB_VERSION, "model": str(model_dir.resolve()), "files": sizes, "recipe": recipe.to_dict(), "calib": calib_settings}
 
 
 # -- the float checkpoint, module by module -----------------------------------------------------------------
@@ -336,46 +302,47 @@ def sequential_quantize(path: str | Path, recipe: str | Recipe, out: str | Path,
         glue = glue_plan(plan, list(blocks))
         checkpoint = Checkpoint(skeleton, files)
         checkpoint.load_glue(list(blocks))
-    work = out.with_name(out.name + WORK_SUFFIX)
-    job = _Job.open(work, _job_key(model_dir, files, recipe, calib))
+    calib_settings = None if calib is None else asdict(calib)
+    work = WorkDir(out, run_key(model_dir, files, recipe, calib=calib_settings, max_memory=max_memory))
+    done: dict[str, dict] = work.state.setdefault("done", {})  # block (or GLUE) -> {layer name: layer plan}
     with stage(report, "capture"):
-        data, flow = _capture(work, job, checkpoint, blocks, [skeleton.get_submodule(n) for n in glue.selection.plans],
+        data, flow = _capture(work, checkpoint, blocks, [skeleton.get_submodule(n) for n in glue.selection.plans],
                               pipeline_dir, model_dir.name, recipe, calib)
-    outputs = _Outputs(work)
+    outputs = _Outputs(work.path)
     last_reader = flow.last_reader()
     for name in tqdm(flow.order, desc=f"dq: block-sequential {recipe.name}", leave=False):
-        if name in job.done:
+        if name in done:
             continue
         with stage(report, f"block {name}"):
-            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, outputs, work / "inputs" / name, max_memory)
-            job.done[name] = _quantize_block(checkpoint, name, recipe, plan, block_data, outputs, work, keep=name in last_reader)
+            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, outputs, work.path / "inputs" / name, max_memory)
+            done[name] = _quantize_block(checkpoint, name, recipe, plan, block_data, outputs, work.path, keep=name in last_reader)
             for source, reader in last_reader.items():
                 if reader == name:
                     outputs.drop(source)
-            shutil.rmtree(work / "inputs" / name, ignore_errors=True)
+            shutil.rmtree(work.path / "inputs" / name, ignore_errors=True)
             del block_data
             release_freed_memory()
-        job.save(work)
+        work.save()
         seconds, peak = report.stages[f"block {name}"]
-        logger.info("dq: block %s done (%d/%d): %.1f s, peak RSS %.0f MiB", name, len(job.done), len(flow.order), seconds, peak / 2**20)
-    if glue.selection.plans and GLUE not in job.done:
+        logger.info("dq: block %s done (%d/%d): %.1f s, peak RSS %.0f MiB", name, len(done), len(flow.order), seconds, peak / 2**20)
+    if glue.selection.plans and GLUE not in done:
         with stage(report, "glue"):
-            job.done[GLUE] = _quantize_glue(skeleton, blocks, flow, recipe, glue, data, outputs, work)
-        job.save(work)
-    report.quantized = sum(len(plans) for plans in job.done.values())
+            done[GLUE] = _quantize_glue(skeleton, blocks, flow, recipe, glue, data, outputs, work.path)
+        work.save()
+    report.quantized = sum(len(plans) for plans in done.values())
     with stage(report, "write"):
-        _write_output(out, overwrite, pipeline_dir, model_dir.name, config, files, flow, job, recipe, work, shard_bytes, report)
-    shutil.rmtree(work)
+        _write_output(out, overwrite, pipeline_dir, model_dir.name, config, files, flow, done, recipe, work.path, shard_bytes, report)
+    work.remove()
     return report
 
 
-def _capture(work: Path, job: _Job, checkpoint: Checkpoint, blocks: dict[str, nn.Module], glue_layers: list[nn.Module],
+def _capture(work: WorkDir, checkpoint: Checkpoint, blocks: dict[str, nn.Module], glue_layers: list[nn.Module],
              pipeline_dir: Path, denoiser_name: str, recipe: Recipe, calib: CalibConfig | None) -> tuple[CalibData, BlockFlow]:
     """The denoiser's calibration inputs and the blocks' data flow: from the work directory, else by running the
     FP pipeline with the denoiser streamed block by block."""
-    stored = work / "capture.pt"
-    if job.flow is not None and stored.is_file():
-        return load_data(stored), BlockFlow(**job.flow)
+    stored = work.path / "capture.pt"
+    if "flow" in work.state and stored.is_file():
+        return load_data(stored), BlockFlow(**work.state["flow"])
     skeleton = checkpoint.skeleton
     with _StreamedBlocks(checkpoint, blocks):
         components = {**components_saved_as_none(pipeline_dir), denoiser_name: skeleton}
@@ -389,8 +356,8 @@ def _capture(work: Path, job: _Job, checkpoint: Checkpoint, blocks: dict[str, nn
         args, kwargs = _replay_inputs(data.samples[0])
         flow = trace_block_flow(blocks, lambda: skeleton(*args, **kwargs), glue_layers)
     save_data(data, stored)
-    job.flow = asdict(flow)
-    job.save(work)
+    work.state["flow"] = asdict(flow)
+    work.save()
     return data, flow
 
 
@@ -429,25 +396,23 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _write_output(out: Path, overwrite: bool, pipeline_dir: Path, denoiser_name: str, config: dict, files: dict[str, Path],
-                  flow: BlockFlow, job: _Job, recipe: Recipe, work: Path, shard_bytes: int, report: StreamReport) -> None:
+                  flow: BlockFlow, done: dict[str, dict], recipe: Recipe, work: Path, shard_bytes: int, report: StreamReport) -> None:
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copy_other_components(pipeline_dir, denoiser_name, tmp)
         target = tmp / denoiser_name
         target.mkdir()
         writer = ShardWriter(target, shard_bytes)
-        if GLUE in job.done:
-            for key, value in load_file(str(work / "glue.safetensors")).items():
-                writer.add(key, value)
+        if GLUE in done:
+            writer.add(load_file(str(work / "glue.safetensors")))
         else:
             for name in _glue_names(files, flow.order):
-                writer.add(name, read_tensors(files[name], [name])[name])
+                writer.add(read_tensors(files[name], [name]))
                 report.copied += 1
         for block in flow.order:
-            for key, value in load_file(str(work / "blocks" / f"{block}.safetensors")).items():
-                writer.add(key, value)
+            writer.add(load_file(str(work / "blocks" / f"{block}.safetensors")))
         report.bytes_out = writer.finish()
         report.bytes_in = sum(p.stat().st_size for p in set(files.values()))
-        modules = {n: p for plans in job.done.values() for n, p in plans.items()}
+        modules = {n: p for plans in done.values() for n, p in plans.items()}
         config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules=modules).to_dict()
         (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

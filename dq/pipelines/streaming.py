@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import diffusers
 import torch
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from dq.calib import plan_quantization
 from dq.errors import DQError
-from dq.io import atomic_directory
+from dq.io import atomic_directory, atomic_file, check_writable
 from dq.metrics.perf import peak_memory
 from dq.nn import QUANT_LAYER_TYPES, LayerPlan
 from dq.pipelines.config import DQConfig
@@ -48,6 +48,8 @@ DENOISER_FOLDERS = ("transformer", "unet")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SHARD_BYTES = 256 * 2**20
+WORK_SUFFIX = ".dq-partial"
+WORK_VERSION = 1
 
 
 @dataclass
@@ -139,18 +141,26 @@ def model_skeleton(model_dir: Path, buffers: bool = False) -> tuple[nn.Module, d
 
 
 class ShardWriter:
-    """Collects tensors and writes them as numbered safetensors shards of about `shard_bytes` each."""
+    """Collects tensors and writes them as numbered safetensors shards of about `shard_bytes` each.
 
-    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
-        self.directory, self.shard_bytes = directory, shard_bytes
+    Tensors are added in groups (`add`: one layer's, or one copied tensor); a shard is written only between
+    groups, so a layer is never split between a written shard and lost pending ones. `written`: the shards an
+    interrupted run wrote (their tensor names), continued after; `on_flush` is called after every shard.
+    """
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES, written: list[list[str]] | None = None,
+                 total: int = 0, on_flush: Callable[["ShardWriter"], None] | None = None) -> None:
+        self.directory, self.shard_bytes, self.on_flush = directory, shard_bytes, on_flush
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.files: list[list[str]] = []
-        self.total = 0
+        self.files: list[list[str]] = list(written or [])
+        self.total = total
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += tensor_bytes(tensor)
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.pending[name] = tensor.contiguous()
+            self.pending_bytes += tensor_bytes(tensor)
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
 
@@ -161,6 +171,8 @@ class ShardWriter:
         self.files.append(list(self.pending))
         self.total += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
+        if self.on_flush is not None:
+            self.on_flush(self)
 
     def finish(self) -> int:
         """Name the shards as diffusers does and write the index; returns the bytes written."""
@@ -174,6 +186,44 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return self.total
+
+
+class WorkDir:
+    """`<out>.dq-partial/`: what an interrupted run leaves behind, so that the same command continues it.
+
+    `state` (job.json) holds the run's key (its model files, recipe and settings: a different run over an
+    unfinished one is refused) and whatever progress the run records; `save` writes it atomically.
+    """
+
+    def __init__(self, out: Path, key: dict[str, Any]) -> None:
+        self.path = out.with_name(out.name + WORK_SUFFIX)
+        state = self.path / "job.json"
+        self.resumed = state.is_file()
+        if not self.resumed:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.state: dict[str, Any] = {"key": key}
+            return
+        self.state = json.loads(state.read_text())
+        if self.state["key"] != key:
+            raise DQError(
+                f"{str(self.path)!r} holds an unfinished run of different settings (model, recipe or calibration); "
+                "resume it with the same arguments, or delete that directory to start over."
+            )
+        logger.info("dq: resuming the unfinished run in %s", self.path)
+
+    def save(self) -> None:
+        with atomic_file(self.path / "job.json") as tmp:
+            tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True, default=str))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path)
+
+
+def run_key(model_dir: Path, files: dict[str, Path], recipe: Recipe, **settings: Any) -> dict[str, Any]:
+    """What identifies a run over a checkpoint (its files' sizes, the recipe, other settings), as JSON values."""
+    sizes = {p.name: p.stat().st_size for p in sorted(set(files.values()))}
+    key = {"version": WORK_VERSION, "model": str(model_dir.resolve()), "files": sizes, "recipe": recipe.to_dict(), **settings}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
 def _float_layer(skeleton: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -207,24 +257,32 @@ def stream_quantize(path: str | Path, recipe: str | Recipe, out: str | Path, ove
             "quantizes data-free recipes only. Calibrate the pipeline directory block by block "
             "(dq.pipelines.sequential.sequential_quantize, which dq quantize runs) or in memory (dq.quantize)."
         )
+    check_writable(out, overwrite)
     model_dir, pipeline_dir = denoiser_directory(path)
     report = StreamReport(recipe.name)
     with stage(report, "plan"):
         skeleton, config = model_skeleton(model_dir)
         files = checkpoint_files(model_dir)
         plans = plan_quantization(skeleton, recipe).selection.plans
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    work = WorkDir(out, run_key(model_dir, files, recipe, shard_bytes=shard_bytes))
+    with stage(report, "quantize + write"):
+        consumed = set(work.state.get("consumed", []))
+
+        def progress(writer: ShardWriter) -> None:  # every tensor read so far is in a written shard
+            work.state.update(shards=writer.files, total=writer.total, consumed=sorted(consumed))
+            work.save()
+
+        writer = ShardWriter(work.path / "shards", shard_bytes, work.state.get("shards"), work.state.get("total", 0), progress)
+        _write_tensors(skeleton, plans, files, writer, report, consumed)
+        report.bytes_out = writer.finish()
+    with stage(report, "copy components"), atomic_directory(out, overwrite=overwrite) as tmp:
         target = tmp if pipeline_dir is None else tmp / model_dir.name
-        with stage(report, "copy components"):
-            if pipeline_dir is not None:
-                copy_other_components(pipeline_dir, model_dir.name, tmp)
-            target.mkdir(parents=True, exist_ok=True)
-        with stage(report, "quantize + write"):
-            writer = ShardWriter(target, shard_bytes)
-            _write_tensors(skeleton, plans, files, writer, report)
-            report.bytes_out = writer.finish()
-            config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules={n: p.to_dict() for n, p in plans.items()}).to_dict()
-            (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if pipeline_dir is not None:
+            copy_other_components(pipeline_dir, model_dir.name, tmp)
+        (work.path / "shards").rename(target)
+        config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules={n: p.to_dict() for n, p in plans.items()}).to_dict()
+        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    work.remove()
     return report
 
 
@@ -236,8 +294,9 @@ def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict[str, Path], writer: ShardWriter,
-                   report: StreamReport) -> None:
-    """Quantize each planned layer and copy every other tensor, in checkpoint order."""
+                   report: StreamReport, consumed: set[str]) -> None:
+    """Quantize each planned layer and copy every other tensor, in checkpoint order; the checkpoint tensors in
+    `consumed` (written by an interrupted run) are skipped, and every tensor read is added to it."""
     layer_tensors: dict[str, list[str]] = {}
     for name in files:
         module = name.rpartition(".")[0]
@@ -246,17 +305,18 @@ def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict
     absent = sorted(set(plans) - set(layer_tensors))
     if absent:
         raise DQError(f"the checkpoint has no weights for layer(s) {absent[:5]} of {type(skeleton).__name__}; it does not match its config.json.")
-    done: set[str] = set()
-    bar = tqdm(total=len(plans), desc=f"dq: streaming {report.recipe}", leave=False)
+    bar = tqdm(total=len(plans), initial=len({n.rpartition(".")[0] for n in consumed} & set(plans)),
+               desc=f"dq: streaming {report.recipe}", leave=False)
     for name, file in files.items():
+        if name in consumed:
+            continue
         module = name.rpartition(".")[0]
         if module not in plans:
             tensor = read_tensors(file, [name])[name]
             report.bytes_in += tensor_bytes(tensor)
-            writer.add(name, tensor)
+            consumed.add(name)
+            writer.add({name: tensor})
             report.copied += 1
-            continue
-        if module in done:
             continue
         keys = layer_tensors[module]
         tensors = {}
@@ -267,12 +327,11 @@ def _write_tensors(skeleton: nn.Module, plans: dict[str, LayerPlan], files: dict
         float_layer = _float_layer(skeleton, module, {k.rpartition(".")[2]: v for k, v in tensors.items()})
         layer = QUANT_LAYER_TYPES[plan.kind].from_float(float_layer, plan.weight, plan.act, **plan.options)
         layer.deploy()
-        for key, value in layer.state_dict().items():
-            writer.add(f"{module}.{key}", value)
+        consumed.update(keys)
+        writer.add({f"{module}.{key}": value for key, value in layer.state_dict().items()})
         skeleton.get_submodule(module).to(device="meta")  # free the float weight
         del layer, float_layer, tensors
         release_freed_memory()
-        done.add(module)
         report.quantized += 1
         bar.update(1)
     bar.close()

@@ -12,7 +12,8 @@ import dq
 from dq.calib.sequential import GLUE, denoiser_blocks, trace_block_flow
 from dq.nn import quant_layers
 from dq.pipelines import sequential
-from dq.pipelines.sequential import WORK_SUFFIX, sequential_quantize
+from dq.pipelines.sequential import sequential_quantize
+from dq.pipelines.streaming import WORK_SUFFIX
 from dq.recipes import load_recipe
 
 FAST = {"iters": 4, "act_iters": 2, "recon_samples": 2, "batch_size": 2}

@@ -10,7 +10,7 @@ from diffusers import PixArtTransformer2DModel, StableDiffusionPipeline, UNet2DC
 from tiny_pipelines import build, run
 
 import dq
-from dq.pipelines.streaming import INDEX_NAME, stream_quantize
+from dq.pipelines.streaming import INDEX_NAME, WORK_SUFFIX, ShardWriter, stream_quantize
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,25 @@ def test_unet_streams_too(tmp_path):
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 7, 64)
     with torch.no_grad():
         assert torch.equal(streamed(x, t, encoder_hidden_states=c).sample, pipe.unet(x, t, encoder_hidden_states=c).sample)
+
+
+def test_an_interrupted_stream_resumes_after_its_last_written_shard(pixart_bf16, tmp_path, monkeypatch):
+    whole = stream_quantize(pixart_bf16, "w4a8", tmp_path / "whole", shard_bytes=64 * 1024)
+    real = ShardWriter.flush
+
+    def crash_after_two_shards(self):
+        real(self)
+        if len(self.files) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "flush", crash_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        stream_quantize(pixart_bf16, "w4a8", tmp_path / "q", shard_bytes=64 * 1024)
+    assert not (tmp_path / "q").exists() and (tmp_path / ("q" + WORK_SUFFIX) / "job.json").is_file()
+    monkeypatch.setattr(ShardWriter, "flush", real)
+    with pytest.raises(dq.DQError, match="different settings"):
+        stream_quantize(pixart_bf16, "w4a16", tmp_path / "q", shard_bytes=64 * 1024)
+    resumed = stream_quantize(pixart_bf16, "w4a8", tmp_path / "q", shard_bytes=64 * 1024)
+    assert 0 < resumed.quantized < whole.quantized and not (tmp_path / ("q" + WORK_SUFFIX)).exists()
+    a, b = (PixArtTransformer2DModel.from_pretrained(tmp_path / d).state_dict() for d in ("q", "whole"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
