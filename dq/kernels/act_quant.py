@@ -17,13 +17,13 @@ Outputs (the layouts the GEMM kernels in this package read):
            so GEMM tiles load them unmasked.
 Scales are stored transposed (group-major) so a GEMM tile reads a contiguous run of tokens.
 
-Scale rounding. The torch reference computes scale = amax / qmax with qmax a Python float. On CUDA,
-torch divides by a CPU scalar as amax * fl(1/qmax) (aten div_true_kernel_cuda), which differs from the
-correctly rounded quotient in about half the groups by one ulp; on CPU it divides exactly. A one-ulp
-scale difference flips codes that sit near a .5 tie (with bf16 inputs, about 0.1-0.2 codes per group
-for INT4), a full quantization step each. The kernel therefore computes the scale the way torch does on
-the device it runs on (RCP_SCALE on CUDA, exact division in the CPU interpreter; the rule is probed
-once per device, torch_divides_by_reciprocal), so codes match bit for bit.
+Scale rounding. Scales and codes use reciprocal multiplication: scale = max(amax * fl(1/qmax), tiny), and
+each code is round(x * fl(1/scale)), one correctly rounded reciprocal per token (group) and one multiply
+per element. The torch reference divides (amax / qmax, then x / scale). The scale then differs from the
+reference's by at most one ulp and the scaled value by at most 4 ulps (the scale's ulp, the reciprocal's
+and the product's half ulps, against the quotient's half ulp), so a code differs from the reference's only
+where the reference's scaled value lies within 4 ulps of a rounding boundary (a .5 tie for the integer
+formats, the midpoint of two e4m3 values for FP8), and then by one step. tests/kernels assert exactly that.
 
 Parallelism (INT4, per-group scales). The grid is (row blocks, K chunks): each program streams its
 chunk of K once in tiles of TILE_G groups, quantizes, and multiplies the tile into its rank-R partial
@@ -48,7 +48,7 @@ FMT_INT4, FMT_INT8, FMT_FP8, FMT_INT4_FP8, FMT_INT4_I8 = 0, 1, 2, 3, 4
 _QMAX = {FMT_INT4: 7.0, FMT_INT8: 127.0, FMT_FP8: 448.0, FMT_INT4_FP8: 7.0, FMT_INT4_I8: 7.0}
 # Factor on the first scale plane of the byte-coded INT4 formats (the GEMM's weight encoding, w4a4_mma8).
 BYTE_SCALE = {FMT_INT4_FP8: 512.0, FMT_INT4_I8: 1.0}
-# fl32(1 / qmax), the reciprocal torch's CUDA division by a Python scalar multiplies with.
+# fl32(1 / qmax): scales are amax times it (module docstring, "Scale rounding").
 _RCP = {k: float(np.float32(1.0) / np.float32(v)) for k, v in _QMAX.items()}
 _TINY = torch.finfo(torch.float32).tiny
 _SMS = {}
@@ -64,13 +64,10 @@ def round_half_even(v):
 
 
 @triton.jit
-def _scale_of(amax, QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr):
-    """max(amax / qmax, tiny), rounded as the torch reference rounds it on this device (module docstring)."""
-    if RCP_SCALE:
-        s = amax * RCP
-    else:
-        s = tl.math.div_rn(amax, QMAX)
-    return tl.maximum(s, TINY)
+def _scale_and_reciprocal(amax, RCP: tl.constexpr, TINY: tl.constexpr):
+    """(max(amax * fl(1/qmax), tiny), its correctly rounded reciprocal): the codes are x * reciprocal."""
+    s = tl.maximum(amax * RCP, TINY)
+    return s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
 @triton.jit
@@ -89,7 +86,7 @@ def _act_quant_int4_kernel(
     x_ptr, s_ptr, q_ptr, sc_ptr, ld_ptr, la_ptr,
     M, K, R, GROUPS_PER_CHUNK,
     stride_xm, stride_qm, stride_ldr, stride_las, stride_lam, stride_sg,
-    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr,
+    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr, CODE_BYTES: tl.constexpr,
     SCALE_F: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, TILE_G: tl.constexpr, R_PAD: tl.constexpr,
@@ -115,10 +112,10 @@ def _act_quant_int4_kernel(
         k_end = g_end * GROUP
         xs = _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, k_end, stride_xm, HAS_SMOOTH)
         x3 = tl.reshape(xs, (BLOCK_M, TILE_G, GROUP))
-        scale = _scale_of(tl.max(tl.abs(x3), axis=2), QMAX, RCP, TINY, RCP_SCALE)  # [BLOCK_M, TILE_G]
+        scale, inv = _scale_and_reciprocal(tl.max(tl.abs(x3), axis=2), RCP, TINY)  # [BLOCK_M, TILE_G]
         offs_g = g0 + tl.arange(0, TILE_G)
         sc_mask = m_mask[:, None] & (offs_g[None, :] < g_end)
-        v = tl.math.div_rn(x3, scale[:, :, None])
+        v = x3 * inv[:, :, None]
         qf = tl.minimum(tl.maximum(round_half_even(v), -QMAX - 1.0), QMAX)  # [BLOCK_M, TILE_G, GROUP]
         if CODE_BYTES:
             # (SCALE_F * scale, 8 * sum(codes) * scale): the sum is an exact integer, SCALE_F a power of 2.
@@ -157,7 +154,7 @@ def _act_quant_token_kernel(
     x_ptr, s_ptr, q_ptr, sc_ptr, ld_ptr, la_ptr,
     M, K, R,
     stride_xm, stride_qm, stride_ldr, stride_lam,
-    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, RCP_SCALE: tl.constexpr, FMT: tl.constexpr,
+    QMAX: tl.constexpr, RCP: tl.constexpr, TINY: tl.constexpr, FMT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):
@@ -172,12 +169,12 @@ def _act_quant_token_kernel(
     for k0 in range(0, K, BLOCK_K):
         xs = _load_smoothed(x_ptr, s_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-    scale = _scale_of(amax, QMAX, RCP, TINY, RCP_SCALE)
+    scale, inv = _scale_and_reciprocal(amax, RCP, TINY)
     tl.store(sc_ptr + offs_m, scale, mask=m_mask)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xs = _load_smoothed(x_ptr, s_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH)
-        v = tl.math.div_rn(xs, scale[:, None])
+        v = xs * inv[:, None]
         mask = m_mask[:, None] & (offs_k[None, :] < K)
         if FMT == 2:
             q = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(q_ptr.dtype.element_ty)
@@ -192,36 +189,6 @@ def _act_quant_token_kernel(
     if HAS_LORA:
         tl.store(la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :], lora,
                  mask=m_mask[:, None] & (offs_r[None, :] < R))
-
-
-_RULES: dict[tuple[str, int | None], bool] = {}
-
-
-def torch_divides_by_reciprocal(device: torch.device) -> bool:
-    """True when torch on `device` computes tensor / python_float as tensor * fl(1/float).
-
-    Probed once per device (a 256-element division) so a torch release that changes the rule cannot
-    make the kernel's scales silently disagree with the reference's. During CUDA graph capture (no
-    host sync allowed) the probe is skipped and the rule torch 2.x's CUDA kernels follow is assumed.
-    """
-    key = (device.type, device.index)
-    if key not in _RULES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return True
-        t = torch.linspace(1.0, 3.0, 256, dtype=torch.float32)
-        on_dev = (t.to(device) / 7.0).cpu()
-        rcp = t * torch.tensor(_RCP[FMT_INT4], dtype=torch.float32)
-        exact = t / torch.full_like(t, 7.0)
-        if torch.equal(on_dev, rcp):
-            _RULES[key] = True
-        elif torch.equal(on_dev, exact):
-            _RULES[key] = False
-        else:
-            raise DQError(
-                f"torch on {device} divides by a Python scalar neither exactly nor by its fp32 reciprocal; "
-                "the activation-quantization kernels cannot reproduce the reference's scales."
-            )
-    return _RULES[key]
 
 
 def rank_pad(rank: int) -> int:
@@ -259,14 +226,12 @@ def quantize_activations(
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     plan: tuple[int, int, int, int] | None = None,
-    rcp_scale: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the fused quantizer on a 2-D x [M, K].
 
     Returns (codes, scales [K/G or 1, M] ([2, K/G, M_pad] for FMT_INT4_FP8/I8), lora partials fp32 [C, M, R] or None)
     in the layouts of the module docstring. `plan` overrides
-    int4_plan's (BLOCK_M, TILE_G, chunks, num_warps) (tests use it to run the GPU tilings on CPU);
-    rcp_scale overrides the scale rounding (default: torch's rule on x's device, see the module docstring).
+    int4_plan's (BLOCK_M, TILE_G, chunks, num_warps) (tests use it to run the GPU tilings on CPU).
     """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise DQError(f"quantize_activations needs a 2-D row-major x, got shape {tuple(x.shape)} strides {x.stride()}.")
@@ -289,7 +254,7 @@ def quantize_activations(
     if smooth is not None and smooth.numel() != K:
         raise DQError(f"smooth must have {K} entries, got {smooth.numel()}.")
     dev = x.device
-    common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY, RCP_SCALE=torch_divides_by_reciprocal(dev) if rcp_scale is None else rcp_scale,
+    common = dict(QMAX=_QMAX[fmt], RCP=_RCP[fmt], TINY=_TINY,
                   HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0, UPCAST=not x.is_cuda, R_PAD=rank_pad(rank))
     s_arg = smooth if smooth is not None else x
     if int4:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
 from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, fake_quantize
 from dq.quant.packing import Allocator, new_tensor
+from dq.quant.spec import qrange
 from dq.quant.storage import decode_codes, dequantize_stored
 from dq.sizes import tensors_bytes
 
@@ -157,10 +158,30 @@ def weight_tiles(
         yield (sl, *weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc))
 
 
-def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None)."""
+def reciprocal_fake_quantize(x2: torch.Tensor, act_spec: QuantSpec) -> torch.Tensor:
+    """x2 [M, K] quantized and dequantized by the GPU kernels' rule (dq.kernels.act_quant, "Scale rounding"):
+    per token (group) scale = max(amax * fl(1/qmax), tiny), code = x * fl(1/scale) rounded (and clamped) to
+    the format. The reference divides instead; the two differ only where a scaled value lies within 4 ulps
+    of a rounding boundary. For symmetric per-token(-group) integer and FP8 specs, the ones the kernels take."""
+    fmt, k = act_spec.fmt, x2.shape[1]
+    group = act_spec.granularity.group_size or k
+    qmax = qrange(act_spec)[1] if fmt.is_integer else fmt.max_value
+    g = x2.float().reshape(x2.shape[0], k // group, group)
+    scale = (g.abs().amax(-1, keepdim=True) * torch.tensor(1 / qmax, dtype=torch.float32)).clamp(min=torch.finfo(torch.float32).tiny)
+    v = g * (1 / scale)
+    codes = torch.clamp(torch.round(v), -qmax - 1, qmax) if fmt.is_integer else fmt.round(v.clamp(-qmax, qmax))
+    return (codes * scale).reshape(x2.shape)
+
+
+def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator,
+                rounding: str = "division") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None).
+
+    rounding: "division" (the reference, and every CPU layer) or "reciprocal" (reciprocal_fake_quantize)."""
     if act_spec is None:
         return x2, None
+    if rounding == "reciprocal":
+        return reciprocal_fake_quantize(x2, act_spec), None
     needs_grad = torch.is_grad_enabled() and x2.requires_grad
     out = None if needs_grad else alloc("act_operand", tuple(x2.shape), torch.float32, x2.device)
     one_scale_per_row = act_spec.symmetric and act_spec.granularity == PerToken(None) and act_spec.scale_format is None
@@ -184,12 +205,15 @@ def quantized_linear_reference(
     lora_up: torch.Tensor | None = None,
     int_gemm: bool | None = None,
     tile_rows: int | None = None,
+    act_rounding: str = "division",
 ) -> torch.Tensor:
     """Reference quantized linear; x is [..., in_features], returns [..., out_features] in x.dtype.
 
     int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
     True / False force the integer / the float GEMM. tile_rows sets the weight tile (output channels;
-    0: whole weight); None lets weight_tile_rows decide (CPU without autograd only).
+    0: whole weight); None lets weight_tile_rows decide (CPU without autograd only). act_rounding:
+    "reciprocal" quantizes the activations by the GPU kernels' rule (reciprocal_fake_quantize), to check a
+    kernel's GEMM apart from its rounding ties.
     """
     lead = x.shape[:-1]
     alloc = buffer_allocator(x.device)
@@ -199,11 +223,11 @@ def quantized_linear_reference(
         x2 = x2 / s if torch.is_grad_enabled() else torch.div(x2, s, out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
     x2 = cast(x2)
     b = None if bias is None else cast(bias)
-    if uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
+    if act_rounding == "division" and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
         codes, row_scale = dynamic_codes(x2, act_spec)
         y = _scale_output(torch._int_mm(codes.to(torch.int8), qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
     else:
-        xa, row_scale = act_operand(x2, act_spec, alloc)
+        xa, row_scale = act_operand(x2, act_spec, alloc, act_rounding)
         y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows)
     if lora_down is not None and lora_down.shape[0] > 0:
         y = y.addmm_(x2 @ cast(lora_down).t(), cast(lora_up).t())

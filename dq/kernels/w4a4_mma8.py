@@ -76,7 +76,7 @@ def _w4a4_mma8_kernel(
     M, N, K, R, M_KEY,
     stride_am, stride_asg, stride_bn, stride_bsn, stride_las, LA_SPLITS, stride_lam, stride_lun, stride_cm,
     GROUP: tl.constexpr, MMA_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    R_PAD: tl.constexpr, UPCAST: tl.constexpr, USE_ASM: tl.constexpr, SCALED: tl.constexpr,
+    R_PAD: tl.constexpr, UPCAST: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[M, N] = deq(a) @ deq(b)^T (+ lora_act @ lora_up^T + bias).
@@ -109,13 +109,10 @@ def _w4a4_mma8_kernel(
             ipart = tl.dot(u_lo.to(tl.int8, bitcast=True), a_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32),
                            out_dtype=tl.int32)
             part = tl.dot(u_hi.to(tl.int8, bitcast=True), a_hi, ipart, out_dtype=tl.int32).to(tl.float32)
-        if SCALED:
-            sa = tl.load(as_ptr + g * stride_asg + offs_m)  # f * scale
-            cr = tl.load(corr_ptr + g * stride_asg + offs_m)
-            sb = tl.load(bs_ptr + rn * stride_bsn + g).to(tl.float32)
-            acc = tl.fma(tl.fma(part, sa[None, :], -cr[None, :]), sb[:, None], acc)
-        else:  # benchmark diagnostic only (wrong result): the MMA + loads without the per-group scaling
-            acc += part
+        sa = tl.load(as_ptr + g * stride_asg + offs_m)  # f * scale
+        cr = tl.load(corr_ptr + g * stride_asg + offs_m)
+        sb = tl.load(bs_ptr + rn * stride_bsn + g).to(tl.float32)
+        acc = tl.fma(tl.fma(part, sa[None, :], -cr[None, :]), sb[:, None], acc)
         a_ptrs += GROUP
         b_ptrs += GROUP // 2
     lowrank_bias_epilogue(tl.trans(acc), offs_m, offs_n, M, N, R, la_ptr, stride_las, LA_SPLITS, stride_lam, lu_ptr,
@@ -133,15 +130,12 @@ def w4a4_mma8_gemm(
     out_dtype: torch.dtype,
     group_size: int,
     use_asm: bool | None = None,
-    diag_unscaled: bool = False,
 ) -> torch.Tensor:
     """Launch the 8-bit-MMA W4A4 GEMM on quantize_activations(x, FMT_INT4_FP8 or FMT_INT4_I8, ...)'s outputs.
 
     a: e4m3 or int8 [M, K] (the flavour follows its dtype); a_scale: fp32 [2, K/G, M_pad] (M_pad: M
     rounded up to 256); qweight: packed uint8 [N, K/2]; weight_scale: [N, K/G]; lora_act: fp32
     partials [C, M, R] or None. use_asm: inline-PTX weight conversion (default: on CUDA).
-    diag_unscaled: benchmark diagnostic, skips the per-group scaling (the result is wrong) so the
-    scaling's share of the time can be measured.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -165,8 +159,7 @@ def w4a4_mma8_gemm(
          M, N, K, lr.rank, m_key(M),
          a.stride(0), a_scale.stride(1), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
         dict(GROUP=group_size, MMA_FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0,
-             R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda, USE_ASM=c.is_cuda if use_asm is None else use_asm,
-             SCALED=not diag_unscaled),
+             R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda, USE_ASM=c.is_cuda if use_asm is None else use_asm),
     )
     return c
 
