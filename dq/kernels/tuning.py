@@ -8,6 +8,7 @@ wgmma; no INT4 tensor cores, so 4-bit operands are unpacked to INT8 in registers
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,10 +45,22 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     },
 }
 _BLOCK_K = {"w4": None, "w4a4_mma8": None, "w8": 128, "w4a16": None}
-# Tile used under TRITON_INTERPRET (CPU). Tests set these to the GPU configs' tiles so the exact tile
-# shapes the autotuner can pick on a GPU are exercised on CPU too.
-INTERPRET_TILE = (16, 32)
-INTERPRET_BLOCK_K = 32
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A launch's tile, given instead of autotuning: (BLOCK_M, BLOCK_N), and BLOCK_K for kernels that tile K.
+
+    On CPU (TRITON_INTERPRET) launches use INTERPRET_TILE unless given one; tests give the GPU configs' tiles
+    (gpu_tiles) so every tile the autotuner can pick on a GPU is exercised on CPU too.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int | None = None
+
+
+INTERPRET_TILE = Tile(16, 32, 32)
 
 
 def _arch(device: torch.device) -> int:
@@ -94,15 +107,15 @@ def chosen_configs() -> dict[str, dict[str, str]]:
             for (name, family, arch), t in _TUNERS.items()}
 
 
-def launch(kernel, family: str, grid_fn, device: torch.device, args: tuple, kwargs: dict) -> None:
-    """Run `kernel` autotuned on CUDA, or with the small interpreter tile on CPU (TRITON_INTERPRET=1)."""
-    if device.type == "cuda":
+def launch(kernel, family: str, grid_fn, device: torch.device, args: tuple, kwargs: dict, tile: Tile | None = None) -> None:
+    """Run `kernel` with `tile`; without one, autotuned on CUDA, or with INTERPRET_TILE on CPU (TRITON_INTERPRET=1)."""
+    if tile is None and device.type == "cuda":
         tuned(kernel, family, _arch(device))[grid_fn](*args, **kwargs)
         return
-    bm, bn = INTERPRET_TILE
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 2}
+    tile = tile or INTERPRET_TILE
+    kw = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "GROUP_M": 8 if device.type == "cuda" else 2}
     if _BLOCK_K[family]:
-        kw["BLOCK_K"] = INTERPRET_BLOCK_K
+        kw["BLOCK_K"] = block_k(family, device, tile)
     kernel[grid_fn](*args, **kwargs, **kw)
 
 
@@ -111,11 +124,13 @@ def gpu_tiles(family: str, arch: int = 90) -> list[tuple[int, int]]:
     return sorted({(c[0], c[1]) for c in _CONFIGS[family][arch]})
 
 
-def block_k(family: str, device: torch.device) -> int | None:
-    """The K tile of `family` on `device` (None: the kernel steps K by the quantization group)."""
+def block_k(family: str, device: torch.device, tile: Tile | None = None) -> int | None:
+    """The K tile of `family` on `device` with `tile` (None: the kernel steps K by the quantization group)."""
     if _BLOCK_K[family] is None:
         return None
-    return _BLOCK_K[family] if device.type == "cuda" else INTERPRET_BLOCK_K
+    if tile is not None and tile.block_k is not None:
+        return tile.block_k
+    return _BLOCK_K[family] if device.type == "cuda" else INTERPRET_TILE.block_k
 
 
 def m_key(M: int) -> int:

@@ -24,7 +24,7 @@ import triton.language as tl
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_INT4, FMT_INT8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
-from dq.kernels.tuning import launch, m_key
+from dq.kernels.tuning import Tile, launch, m_key
 from dq.kernels.w4a4_mma8 import mma8_mode, w4a4_mma8_linear
 
 
@@ -99,8 +99,9 @@ def w4_gemm(
     lora_up: torch.Tensor | None,
     out_dtype: torch.dtype,
     group_size: int,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
-    """Launch the INT4-weight GEMM on quantized activations (packed INT4 [M, K/2] or INT8 [M, K]).
+    """Launch the INT4-weight GEMM on quantized activations (packed INT4 [M, K/2] or INT8 [M, K]); tile: instead of autotuning.
 
     lora_act: [M, R] or fp32 partial sums [C, M, R] (quantize_activations' output), added in the epilogue.
     """
@@ -123,6 +124,7 @@ def w4_gemm(
          M, N, K, lr.rank, m_key(M),
          a.stride(0), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
         dict(GROUP=group_size, A_INT8=a_int8, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda),
+        tile,
     )
     return c
 
@@ -138,6 +140,7 @@ def w4_linear(
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
     mma8: str | bool | None = None,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """y = Q(x/s) deq(W)^T + ((x/s) L_down^T) L_up^T + b for a 2-D x: two launches (quantize, GEMM).
 
@@ -145,14 +148,14 @@ def w4_linear(
     W4A4 runs the byte-code kernel of dq.kernels.w4a4_mma8 in the flavour mma8_mode picks for the device
     (FP8 tensor cores on sm89+ when its self-check passes, else INT8), or in the flavour `mma8` names;
     mma8=False runs the kernel below (INT4 activations unpacked in registers: the baseline it replaced,
-    and the fallback when neither flavour passes its self-check).
+    and the fallback when neither flavour passes its self-check). tile: the GEMM's, instead of autotuning.
     """
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
     if act_bits == 4 and mma8 is not False:
         mode = mma8_mode(x.device) if mma8 is None else mma8
         if mode:
-            return w4a4_mma8_linear(x, qweight, weight_scale, bias, group_size, smooth, lora_down, lora_up, mode)
+            return w4a4_mma8_linear(x, qweight, weight_scale, bias, group_size, smooth, lora_down, lora_up, mode, tile)
     fmt, act_group = (FMT_INT4, group_size) if act_bits == 4 else (FMT_INT8, None)
     q, qs, lora_act = quantize_activations(x, fmt, act_group, smooth, lora_down)
-    return w4_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size)
+    return w4_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size, tile)

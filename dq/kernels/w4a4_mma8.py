@@ -41,7 +41,7 @@ import triton.language as tl
 from dq.errors import DQError
 from dq.kernels.act_quant import BYTE_SCALE, FMT_INT4_FP8, FMT_INT4_I8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
-from dq.kernels.tuning import launch, m_key
+from dq.kernels.tuning import Tile, launch, m_key
 from dq.quant import unpack_4bit
 
 logger = logging.getLogger(__name__)
@@ -130,12 +130,13 @@ def w4a4_mma8_gemm(
     out_dtype: torch.dtype,
     group_size: int,
     use_asm: bool | None = None,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """Launch the 8-bit-MMA W4A4 GEMM on quantize_activations(x, FMT_INT4_FP8 or FMT_INT4_I8, ...)'s outputs.
 
     a: e4m3 or int8 [M, K] (the flavour follows its dtype); a_scale: fp32 [2, K/G, M_pad] (M_pad: M
     rounded up to 256); qweight: packed uint8 [N, K/2]; weight_scale: [N, K/G]; lora_act: fp32
-    partials [C, M, R] or None. use_asm: inline-PTX weight conversion (default: on CUDA).
+    partials [C, M, R] or None. use_asm: inline-PTX weight conversion (default: on CUDA). tile: instead of autotuning.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -160,6 +161,7 @@ def w4a4_mma8_gemm(
          a.stride(0), a_scale.stride(1), qweight.stride(0), weight_scale.stride(0), *lr.strides(), c.stride(0)),
         dict(GROUP=group_size, MMA_FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0,
              R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda, USE_ASM=c.is_cuda if use_asm is None else use_asm),
+        tile,
     )
     return c
 
@@ -174,6 +176,7 @@ def w4a4_mma8_linear(
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
     mode: str = "fp8",
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """y = Q(x/s) deq(W)^T + ((x/s) L_down^T) L_up^T + b for a 2-D x: quantize launch + 8-bit-MMA GEMM launch.
 
@@ -183,6 +186,7 @@ def w4a4_mma8_linear(
         bias: [N] or None. group_size: G, the weight and activation group along K (a power of two).
         smooth, lora_down, lora_up: SVDQuant's smoothing [K] and low-rank branch [R, K], [N, R], or None.
         mode: "fp8" (e4m3 tensor cores, sm89+) or "int8"; mma8_mode(device) says which one a GPU runs exactly.
+        tile: the GEMM's tile, instead of autotuning.
 
     Example:
         >>> y = w4a4_mma8_linear(x, qweight, scales, bias, 64, mode=mma8_mode(x.device))  # x [M, K] bf16
@@ -192,7 +196,7 @@ def w4a4_mma8_linear(
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
     q, qs, lora_act = quantize_activations(x, MODES[mode], group_size, smooth, lora_down)
-    return w4a4_mma8_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size)
+    return w4a4_mma8_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, group_size, tile=tile)
 
 
 def offset_operands(codes: torch.Tensor, mode: str, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import triton.language as tl
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_FP8, FMT_INT8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
-from dq.kernels.tuning import block_k, launch, m_key
+from dq.kernels.tuning import Tile, block_k, launch, m_key
 
 
 @triton.jit
@@ -69,8 +69,9 @@ def w8_gemm(
     lora_act: torch.Tensor | None,
     lora_up: torch.Tensor | None,
     out_dtype: torch.dtype,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
-    """Launch the 8-bit GEMM on quantized activations a [M, K] with per-token scales [1, M]."""
+    """Launch the 8-bit GEMM on quantized activations a [M, K] with per-token scales [1, M] (tile: instead of autotuning)."""
     M, K = a.shape
     N = qweight.shape[0]
     if qweight.dtype != a.dtype or qweight.shape[1] != K or qweight.stride(-1) != 1:
@@ -86,8 +87,9 @@ def w8_gemm(
         (a, a_scale, qweight, weight_scale.reshape(-1), bias if bias is not None else c, *lr.pointers(c), c,
          M, N, K, lr.rank, m_key(M),
          a.stride(0), qweight.stride(0), *lr.strides(), c.stride(0)),
-        dict(IS_FP8=a.dtype != torch.int8, EVEN_K=K % block_k("w8", a.device) == 0,
+        dict(IS_FP8=a.dtype != torch.int8, EVEN_K=K % block_k("w8", a.device, tile) == 0,
              HAS_BIAS=bias is not None, HAS_LORA=lr.rank > 0, R_PAD=rank_pad(lr.rank), UPCAST=not c.is_cuda),
+        tile,
     )
     return c
 
@@ -100,10 +102,11 @@ def w8a8_linear(
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """y = Q8(x/s) deq(W)^T (+ low-rank + b) for a 2-D x; INT8 or FP8 by the weight's dtype."""
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
     fmt = FMT_INT8 if qweight.dtype == torch.int8 else FMT_FP8
     q, qs, lora_act = quantize_activations(x, fmt, None, smooth, lora_down)
-    return w8_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype)
+    return w8_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, tile)

@@ -236,43 +236,39 @@ W4_TILES = [("w4a4", t) for t in tuning.gpu_tiles("w4")] + [("w4a8", (16, 64)), 
 
 @pytest.mark.parametrize("kind,tile", W4_TILES)
 @pytest.mark.parametrize("M,N,K,rank", GPU_CASES)
-def test_w4_gemm_gpu_tiles(monkeypatch, kind, tile, M, N, K, rank):
+def test_w4_gemm_gpu_tiles(kind, tile, M, N, K, rank):
     """The W4A4/W4A8 GEMM at every tile the H200 autotuner can pick (M, N, K not multiples of it)."""
-    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(M + N + K + rank + tile[0])
     x, b, sm, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
     act = QuantSpec("int4", PerToken(64)) if kind == "w4a4" else QuantSpec("int8", PerToken())
     # W4A4 here is the unpacking INT8 kernel (the fallback); the byte-code kernel has its own tile tests below.
-    y = w4_linear(x, qw, sw, b, 64, 4 if kind == "w4a4" else 8, sm, ld, lu, mma8=False)
+    y = w4_linear(x, qw, sw, b, 64, 4 if kind == "w4a4" else 8, sm, ld, lu, mma8=False, tile=tuning.Tile(*tile))
     ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K, act_spec=act,
                                      smooth=sm, lora_down=ld, lora_up=lu, act_rounding="reciprocal")
     assert rel(y, ref) < 4e-3
 
 
 @pytest.mark.parametrize("tile", [(16, 64), (64, 128), (128, 256)])
-def test_w4_integer_sums_gpu_tiles(monkeypatch, tile):
+def test_w4_integer_sums_gpu_tiles(tile):
     """Raw integer sums at the GPU tiles: exact (any unpack/layout slip shows as a mismatch)."""
-    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(tile[0])
     M, N, K = 70, 150, 192
     a = torch.randint(0, 256, (M, K // 2), dtype=torch.uint8)
     b = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-    y = w4_gemm(a, torch.ones(K // 64, M), b, torch.ones(N, K // 64), None, None, None, torch.float32, 64)
+    y = w4_gemm(a, torch.ones(K // 64, M), b, torch.ones(N, K // 64), None, None, None, torch.float32, 64, tuning.Tile(*tile))
     from dq.quant import unpack_4bit
 
     assert torch.equal(y, (unpack_4bit(a, True).long() @ unpack_4bit(b, True).long().t()).float())
 
 
 @pytest.mark.parametrize("tile,rank", [(t, 20 if i % 2 else 0) for i, t in enumerate(tuning.gpu_tiles("w8"))])
-def test_w8_gemm_gpu_tiles(monkeypatch, tile, rank):
-    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
-    monkeypatch.setattr(tuning, "INTERPRET_BLOCK_K", 128)
+def test_w8_gemm_gpu_tiles(tile, rank):
     torch.manual_seed(tile[1] + rank)
     M, N, K = 37, 150, 320
     x, _, _, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int8", PerChannel()), "int8")
-    y = w8a8_linear(x, qw, sw, None, None, ld, lu)
+    y = w8a8_linear(x, qw, sw, None, None, ld, lu, tile=tuning.Tile(*tile, block_k=128))
     ref = quantized_linear_reference(x, qw, sw, None, None, weight_format="int8", in_features=K,
                                      act_spec=QuantSpec("int8", PerToken()), lora_down=ld, lora_up=lu, act_rounding="reciprocal")
     assert rel(y, ref) < 4e-3
@@ -330,9 +326,8 @@ def test_act_quant_int4_bytes_exact(plan, fmt):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tile", tuning.gpu_tiles("w4a4_mma8"))
-def test_w4a4_mma8_integer_sums_exact(monkeypatch, tile, mode):
+def test_w4a4_mma8_integer_sums_exact(tile, mode):
     """Raw sums at every H200 tile (M, N off the tile grid, 3 groups): exact, including all-extreme codes."""
-    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(tile[0] + tile[1])
     M, N, K = 70, 150, 192
     codes = torch.randint(-8, 8, (M, K))
@@ -341,7 +336,7 @@ def test_w4a4_mma8_integer_sums_exact(monkeypatch, tile, mode):
     b[:3] = 0x77  # all +7
     b[3:6] = 0x88  # all -8
     q, planes = offset_operands(codes, mode)
-    y = w4a4_mma8_gemm(q, planes, b, torch.ones(N, K // 64), None, None, None, torch.float32, 64)
+    y = w4a4_mma8_gemm(q, planes, b, torch.ones(N, K // 64), None, None, None, torch.float32, 64, tile=tuning.Tile(*tile))
     from dq.quant import unpack_4bit
 
     assert torch.equal(y, (codes.long() @ unpack_4bit(b, True).long().t()).float())
@@ -350,13 +345,12 @@ def test_w4a4_mma8_integer_sums_exact(monkeypatch, tile, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tile", [(16, 64), (64, 128), (128, 64), (128, 128)])
 @pytest.mark.parametrize("M,N,K,rank", GPU_CASES + [(1, 64, 64, 0)])
-def test_w4a4_mma8_linear_gpu_tiles(monkeypatch, tile, M, N, K, rank, mode):
+def test_w4a4_mma8_linear_gpu_tiles(tile, M, N, K, rank, mode):
     """The 8-bit-MMA W4A4 layer vs the reference at H200 tiles, with and without the low-rank branch."""
-    monkeypatch.setattr(tuning, "INTERPRET_TILE", tile)
     torch.manual_seed(M + N + K + rank + tile[1])
     x, b, sm, ld, lu = linear_inputs(M, N, K, rank)
     qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
-    y = w4a4_mma8_linear(x, qw, sw, b, 64, sm, ld, lu, mode=mode)
+    y = w4a4_mma8_linear(x, qw, sw, b, 64, sm, ld, lu, mode=mode, tile=tuning.Tile(*tile))
     ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="int4", in_features=K,
                                      act_spec=QuantSpec("int4", PerToken(64)), smooth=sm, lora_down=ld, lora_up=lu, act_rounding="reciprocal")
     assert y.shape == (M, N) and rel(y, ref) < 4e-3
