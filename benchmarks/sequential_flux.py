@@ -94,8 +94,8 @@ def project(stages: dict, params: dict) -> dict:
 
 def markdown(result: dict) -> str:
     idle = result["idle_rss"]
-    lines = [f"# Block-sequential svdquant-w4a4 calibration, FLUX.1-dev cut to 2 double + 4 single blocks "
-             f"({result['device']}, {result['threads']} threads, {result['date']})", "",
+    lines = [f"# Block-sequential {result['recipe']} calibration, FLUX.1-dev cut to {CUT['num_layers']} double + "
+             f"{CUT['num_single_layers']} single blocks ({result['device']}, {result['threads']} threads, {result['date']})", "",
              f"Transformer checkpoint: {result['checkpoint_bytes'] / 2**30:.2f} GiB BF16 (full width); calibration: "
              f"{result['samples']} prompts x {result['steps']} steps at {result['size']}x{result['size']} (512 T5 tokens). "
              f"One double block holds {result['params']['double'] / 1e6:.0f} M parameters, one single block "
