@@ -1,8 +1,11 @@
 """CPU layer benchmark: one deployed dq layer against the FP32 nn.Linear it replaces, timed back to back.
 
 Shapes are [M tokens, K in, N out] of SD1.5 at 256x256, batch 2 (M = 2048 at the top level, 32 at the
-deepest); each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Prints the median
-ratio of the interleaved pairs per shape and writes benchmarks/results/cpu_layers.{md,json}.
+deepest); each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the
+shapes of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 2x2 to 8x8 positions), against nn.Conv2d, with
+the per-position activation range reduced as dq does it and, for comparison, by torch's strided min/max over the
+channels (dq.quant.spec.SMALL_INNER). Prints the median ratio of the interleaved pairs per shape and writes
+benchmarks/results/cpu_layers.{md,json}.
 
     python benchmarks/cpu_layers.py [--pairs 15]
 """
@@ -24,6 +27,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dq.quant.spec  # noqa: E402
+from dq.metrics.perf import cpu_name  # noqa: E402
 from dq.nn import LayerPlan, deploy_all, swap_layers  # noqa: E402
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
 
@@ -36,6 +41,8 @@ PLANS = {
     "svdquant-w4a4": LayerPlan("svdq_linear", W4, QuantSpec("int4", PerToken(64)), {"rank": 32}),
 }
 SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (128, 1280, 1280), (32, 1280, 10240)]
+CONV_W8A8 = LayerPlan("conv2d", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()))
+CONV_SHAPES = [(16, 32, 8, 8, 3), (16, 64, 4, 4, 3), (16, 64, 4, 4, 1), (16, 128, 2, 2, 3)]  # N, C, H, W, kernel
 
 
 def paired_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int) -> float:
@@ -56,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=15)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_layers"))
     args = p.parse_args(argv)
-    from pipeline_cpu import cpu_name
-
     torch.manual_seed(0)
     rows = []
     with torch.inference_mode():
@@ -72,16 +77,34 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = paired_ratio(fp, variant, x, args.pairs)
             rows.append(row)
             print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x" for name in PLANS]), flush=True)
+        conv_rows = []
+        for n, c, h, w, k in CONV_SHAPES:
+            fp = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2)).eval()
+            x = torch.randn(n, c, h, w)
+            variant = copy.deepcopy(fp)
+            swap_layers(variant, {"0": CONV_W8A8})
+            deploy_all(variant)
+            moved = paired_ratio(fp, variant, x, args.pairs)
+            dq.quant.spec.SMALL_INNER, small = 0, dq.quant.spec.SMALL_INNER
+            strided = paired_ratio(fp, variant, x, args.pairs)
+            dq.quant.spec.SMALL_INNER = small
+            conv_rows.append({"shape": [n, c, h, w, k], "w8a8": moved, "w8a8_strided_minmax": strided})
+            print(f"conv {n}x{c}x{h}x{w} k{k}: w8a8 {moved:.2f}x (strided min/max {strided:.2f}x)", flush=True)
     env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
     lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
              "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time.", "",
              "| M x K x N | " + " | ".join(PLANS) + " |", "|---|" + "---|" * len(PLANS)]
     for row in rows:
         lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(f"{row[name]:.2f}x" for name in PLANS) + " |")
+    lines += ["", "W8A8 Conv2d (C -> C) vs FP32 nn.Conv2d at the ref-sd demo's shapes:", "",
+              "| N x C x H x W, kernel | w8a8 | w8a8, strided min/max |", "|---|---|---|"]
+    for row in conv_rows:
+        n, c, h, w, k = row["shape"]
+        lines.append(f"| {n}x{c}x{h}x{w}, {k}x{k} | {row['w8a8']:.2f}x | {row['w8a8_strided_minmax']:.2f}x |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "conv_rows": conv_rows}, indent=1))
     out.with_suffix(".md").write_text(md)
     return 0
 
