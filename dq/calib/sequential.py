@@ -80,10 +80,15 @@ def block_plan(plan: QuantPlan, block: str) -> QuantPlan:
     return QuantPlan(LayerSelection(local(plan.selection.plans), local(plan.selection.skipped)), plan.calibrator)
 
 
+def in_blocks(name: str, blocks: list[str]) -> bool:
+    """Whether the module or tensor `name` lies inside one of `blocks`."""
+    return any(name.startswith(b + ".") for b in blocks)
+
+
 def glue_plan(plan: QuantPlan, blocks: list[str]) -> QuantPlan:
     """`plan`'s layers that lie in no block, with its calibrator."""
     def outside(names: dict) -> dict:
-        return {n: v for n, v in names.items() if not any(n.startswith(b + ".") for b in blocks)}
+        return {n: v for n, v in names.items() if not in_blocks(n, blocks)}
 
     return QuantPlan(LayerSelection(outside(plan.selection.plans), outside(plan.selection.skipped)), plan.calibrator)
 
@@ -188,4 +193,4 @@ def trace_block_flow(blocks: dict[str, nn.Module], forward: Callable[[], Any], g
     return BlockFlow(order, sources)
 
 
-__all__ = ["BLOCK_PREFIX", "BlockDenoiser", "BlockFlow", "block_inputs", "GLUE", "block_plan", "denoiser_blocks", "glue_plan", "trace_block_flow"]
+__all__ = ["BLOCK_PREFIX", "BlockDenoiser", "BlockFlow", "block_inputs", "GLUE", "block_plan", "denoiser_blocks", "glue_plan", "in_blocks", "trace_block_flow"]

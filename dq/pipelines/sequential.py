@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
 from dq.calib.data import collate, map_tensors
 from dq.calib.quantize import QuantPlan
-from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, trace_block_flow
+from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
 from dq.calib.timestep import attach_timestep_hook
 from dq.errors import DQError
 from dq.io import atomic_directory, atomic_file, check_writable
@@ -110,12 +110,8 @@ class Checkpoint:
 
     def load_glue(self, blocks: list[str]) -> None:
         """Materialize everything of the skeleton outside the blocks."""
-        glue = [n for n in self.skeleton.state_dict() if not any(n.startswith(b + ".") for b in blocks)]
+        glue = [n for n in self.skeleton.state_dict() if not in_blocks(n, blocks)]
         self._load(self.skeleton, glue, "")
-
-
-def _glue_names(files: dict[str, Path], blocks: list[str]) -> list[str]:
-    return [n for n in files if not any(n.startswith(b + ".") for b in blocks)]
 
 
 class _StreamedBlocks:
@@ -384,7 +380,7 @@ def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: Bloc
         model = GlueDenoiser(skeleton, replaying)
         prefixed = {f"denoiser.{n}": p for n, p in glue.selection.plans.items()}
         quantize_model(model, recipe, glue_data(data), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
-    tensors = {k: v for k, v in skeleton.state_dict().items() if not any(k.startswith(b + ".") for b in blocks)}
+    tensors = {k: v for k, v in skeleton.state_dict().items() if not in_blocks(k, list(blocks))}
     _save_tensors(work / "glue.safetensors", tensors)
     return {n: plan_of(skeleton.get_submodule(n)).to_dict() for n in glue.selection.plans}
 
@@ -405,7 +401,7 @@ def _write_output(out: Path, overwrite: bool, pipeline_dir: Path, denoiser_name:
         if GLUE in done:
             writer.add(load_file(str(work / "glue.safetensors")))
         else:
-            for name in _glue_names(files, flow.order):
+            for name in (n for n in files if not in_blocks(n, flow.order)):
                 writer.add(read_tensors(files[name], [name]))
                 report.copied += 1
         for block in flow.order:
