@@ -412,3 +412,6 @@ def _write_output(out: Path, overwrite: bool, pipeline_dir: Path, denoiser_name:
         config["quantization_config"] = DQConfig(recipe=recipe.to_dict(), modules=modules).to_dict()
         (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
+
+
+__all__ = ["MAX_MEMORY", "sequential_quantize"]
