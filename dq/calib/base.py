@@ -78,8 +78,9 @@ C = TypeVar("C", bound=CalibratorConfig)
 class Calibrator(ABC, Generic[C]):
     """Sets the quantizers of swapped (simulate-mode) layers from calibration data, before deployment."""
 
-    blockwise: ClassVar[bool] = True
-    """Whether the method can calibrate one block of the denoiser on its own (block-sequential calibration)."""
+    float_targets: ClassVar[bool] = False
+    """Whether the method's targets are the float model's outputs on the float model's inputs (BRECQ's
+    asymmetric reconstruction): block-sequential calibration then carries both models' block inputs."""
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -90,6 +91,22 @@ class Calibrator(ABC, Generic[C]):
     @abstractmethod
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         """Set the quantizers of `layers` (name -> swapped layer); `data` is None for data-free methods."""
+
+    # -- block-sequential calibration (dq.pipelines.sequential) ---------------------------------------------
+    def prelude_layers(self, denoiser: nn.Module, selection: LayerSelection) -> list[str]:
+        """The layers this method computes with on the whole denoiser before any block, from the timesteps
+        alone (TFMQ's temporal block, which spans the blocks): the planned ones it calibrates there, the others
+        it reads in float. Default: none."""
+        return []
+
+    def calibrate_prelude(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], data: CalibData) -> None:
+        """Set the planned prelude layers' quantizers (`layers`, swapped); the denoiser's layers outside the
+        prelude may be unmaterialized (meta)."""
+        raise NotImplementedError(f"{type(self).__name__} has no prelude layers")
+
+    def block_calibrator(self) -> Calibrator:
+        """The calibrator of one block, or of the glue, once the prelude is calibrated; default: this one."""
+        return self
 
 
 METHODS: Registry[type[CalibratorConfig]] = Registry("calibration method")

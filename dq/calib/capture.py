@@ -46,9 +46,9 @@ def outputs_of(out: Any) -> list[torch.Tensor]:
     return [t for _, t in nested_tensors(out) if t.is_floating_point()]
 
 
-def _replay_until_stop(denoiser: nn.Module, data: CalibData, batch: CalibBatch) -> None:
+def _replay_until_stop(denoiser: nn.Module, data: CalibData, batch: CalibBatch, float_model: bool = False) -> None:
     try:
-        data.replay(denoiser, batch)
+        data.replay(denoiser, batch, float_model)
     except _Stop:
         pass
 
@@ -80,7 +80,8 @@ def capture_io(
     by_step: bool = False,
 ) -> list[Captured]:
     """Inputs of `module` in the quantized model (weights quantized; activations when `acts`) and its
-    outputs in the FP model, for up to `max_samples` calibration samples (BRECQ's asymmetric targets).
+    outputs in the FP model, for up to `max_samples` calibration samples (BRECQ's asymmetric targets). The FP
+    model runs on the float model's inputs where the samples carry them (block-sequential calibration).
     """
     found: dict[str, Any] = {}
 
@@ -104,7 +105,7 @@ def capture_io(
         h = module.register_forward_hook(grab_output, with_kwargs=True)
         try:
             with quant_state(denoiser, weights=False, acts=False):
-                _replay_until_stop(denoiser, data, batch)
+                _replay_until_stop(denoiser, data, batch, float_model=True)
         finally:
             h.remove()
         if "in" not in found or "out" not in found:

@@ -9,7 +9,9 @@ samples were recorded (cache-aware calibration), each sample also keeps that ste
 `CalibData.replay` pins it while the denoiser runs, so a replay computes exactly what the cache computes
 on that step.
 A sample can also live on disk (`stored`), read back only while its batch is replayed: block-sequential
-calibration spills a block's inputs there when they exceed its memory budget.
+calibration spills a block's inputs there when they exceed its memory budget. And a sample can carry the
+float model's inputs beside the quantized model's (`float_kwargs`): block-sequential calibration of a method
+whose targets are the float model's outputs (BRECQ's asymmetric reconstruction) replays those for its targets.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class CalibSample:
     """The denoiser inputs of one prompt at one step (all CFG rows), stored in float16 on CPU.
 
     cache_state: the step cache's state on this step (step, refresh, reused tensors), None without a cache.
+    float_kwargs: the float model's inputs where they differ from the quantized model's (`kwargs`): a block's
+        inputs in the float model, when block-sequential calibration carries both streams; else None.
     """
 
     step: int
@@ -45,13 +49,24 @@ class CalibSample:
     kwargs: dict
     rows: int
     cache_state: dict[str, Any] | None = None
-    stored: Path | None = None  # args and kwargs spilled to this file (read back per batch); else in memory
+    stored: Path | None = None  # args, kwargs and float_kwargs spilled to this file (read back per batch)
+    float_kwargs: dict | None = None
 
     def inputs(self) -> tuple[tuple, dict]:
         """(args, kwargs): in memory, or read back from the file the sample was spilled to."""
+        return self.all_inputs()[:2]
+
+    def all_inputs(self) -> tuple[tuple, dict, dict | None]:
+        """(args, kwargs, float_kwargs), in memory or read back from the file the sample was spilled to."""
         if self.stored is None:
-            return self.args, self.kwargs
+            return self.args, self.kwargs, self.float_kwargs
         return torch.load(self.stored, map_location="cpu", weights_only=True)
+
+    def spill(self, path: Path) -> None:
+        """Move the sample's inputs to `path`; they are read back per batch."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((self.args, self.kwargs, self.float_kwargs), path)
+        self.stored, self.args, self.kwargs, self.float_kwargs = path, (), {}, None
 
     @property
     def cached(self) -> bool:
@@ -67,6 +82,7 @@ class CalibBatch:
     args: tuple
     kwargs: dict
     cache_state: dict[str, Any] | None
+    float_kwargs: dict | None = None  # the float model's inputs, where the samples carry them
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -93,7 +109,7 @@ class CalibData:
 
     @property
     def nbytes(self) -> int:
-        return sum(nested_bytes(s.inputs()) for s in self.samples)
+        return sum(nested_bytes(s.all_inputs()) for s in self.samples)
 
     def rows(self) -> int:
         return sum(s.rows for s in self.samples)
@@ -119,13 +135,19 @@ class CalibData:
                 chunk = group[i : i + batch_size]
                 rows = [s.rows for s in chunk]
                 state = None if chunk[0].cache_state is None else collate([s.cache_state for s in chunk], rows)
-                inputs = [s.inputs() for s in chunk]
-                yield CalibBatch(chunk, collate([a for a, _ in inputs], rows), collate([k for _, k in inputs], rows), state)
+                inputs = [s.all_inputs() for s in chunk]
+                floats = None if inputs[0][2] is None else collate([f for _, _, f in inputs], rows)
+                yield CalibBatch(chunk, collate([a for a, _, _ in inputs], rows), collate([k for _, k, _ in inputs], rows), state, floats)
 
-    def replay(self, denoiser: nn.Module, batch: CalibBatch) -> Any:
-        """Call the denoiser on a batch, on its device and dtype, in the batch's cache state."""
+    def replay(self, denoiser: nn.Module, batch: CalibBatch, float_model: bool = False) -> Any:
+        """Call the denoiser on a batch, on its device and dtype, in the batch's cache state.
+
+        float_model: with the float model's inputs where the batch carries them (the float targets of
+        block-sequential calibration); the caller switches the quantizers off (`quant_state`).
+        """
         p = next(denoiser.parameters())
-        args, kwargs = to_device(batch.args, p.device, p.dtype), to_device(batch.kwargs, p.device, p.dtype)
+        kwargs = batch.float_kwargs if float_model and batch.float_kwargs is not None else batch.kwargs
+        args, kwargs = to_device(batch.args, p.device, p.dtype), to_device(kwargs, p.device, p.dtype)
         state = batch.cache_state
         pinned = nullcontext() if self.cache is None or state is None else self.cache.pinned(to_device(state, p.device, p.dtype))
         with pinned:

@@ -285,6 +285,8 @@ def init_weight_scales(layers: dict[str, nn.Module], observer: str) -> None:
 class QDiffusionCalibrator(Calibrator[QDiffusionConfig]):
     """Q-Diffusion (Li et al., ICCV 2023): split shortcut + BRECQ/AdaRound + Lp/LSQ activation scales."""
 
+    float_targets = True  # BRECQ's asymmetric reconstruction: inputs from the quantized model, targets from the float one
+
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         if self.config.split_shortcut:
             split = plan_split_shortcuts(denoiser, selection, conv1=self.config.split_conv1)

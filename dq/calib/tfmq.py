@@ -10,7 +10,8 @@ Following TFMQ-DM's paper and code (see the anchors):
 - TIAR: AdaRound on the TIB layers only, with the loss the sum of MSEs over all TIB outputs (the time
   embedding and every projection), evaluated at every timestep of the sampling schedule. The input
   is t alone, so this needs no image data.
-- The rest is reconstructed block by block as in Q-Diffusion (BRECQ/AdaRound), excluding TIB layers.
+- The rest is reconstructed block by block as in Q-Diffusion (BRECQ/AdaRound), excluding TIB layers, with
+  the TIB already quantized.
 - FSC: every static activation quantizer gets one parameter set per timestep of the finite sampling
   schedule (the code's variant; the paper's covers the TIB activations), set by min-max for TIB
   layers and the Lp search for the others, and chosen per step by the timestep hook.
@@ -31,10 +32,10 @@ from torch import nn
 
 from dq.calib.adaround import adaround
 from dq.calib.base import Calibrator, Sampling, register_calibrator
-from dq.calib.data import CalibData
+from dq.calib.data import CalibData, CalibSample
 from dq.calib.qdiffusion import ReconConfig, _check_layers, frozen_parameters, init_weight_scales, plan_split_shortcuts, reconstruct_weights
 from dq.calib.state import quant_state
-from dq.calib.timestep import calibrate_activations
+from dq.calib.timestep import attach_timestep_hook, calibrate_activations
 from dq.errors import DQError
 from dq.nn.base import QuantLayerMixin
 from dq.nn.select import LayerSelection, fits
@@ -170,11 +171,62 @@ def tiar(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, 
     return adaround(denoiser, members, loss_fn, loss_fn, iters, opts.lr, opts.reg, opts.warmup, (opts.b_start, opts.b_end), desc="dq: TIAR")
 
 
+class TemporalModel(nn.Module):
+    """The temporal block called as a denoiser: timestep -> the block's outputs, so activation scales of its
+    layers are set from the timesteps alone (the denoiser's other layers may be unmaterialized)."""
+
+    def __init__(self, denoiser: nn.Module, tib: TemporalBlock) -> None:
+        super().__init__()
+        self.replay_dtype = nn.Parameter(torch.empty(0), requires_grad=False)  # float32 replays (CalibData.replay)
+        self.denoiser = denoiser
+        self.tib = tib
+
+    def forward(self, timestep: torch.Tensor) -> list[torch.Tensor]:
+        return self.tib.outputs(timestep)
+
+
+def timestep_data(data: CalibData) -> CalibData:
+    """One TemporalModel call per distinct calibrated timestep: what the temporal block sees of `data`."""
+    first = {}
+    for s in data.samples:
+        first.setdefault(s.timestep, s)
+    samples = [CalibSample(s.step, t, s.prompt, (), {"timestep": torch.tensor([t])}, 1) for t, s in sorted(first.items())]
+    return CalibData(samples, data.schedule, data.drawn)
+
+
+def calibrate_temporal_block(denoiser: nn.Module, layers: dict[str, nn.Module], tib: TemporalBlock, data: CalibData, opts: TFMQConfig) -> None:
+    """TIAR on the temporal block's layers, then their activation scales: min-max, one set per calibrated
+    timestep (FSC). From the timesteps alone: the denoiser's blocks need not be materialized."""
+    init_weight_scales(layers, opts.weight_observer)
+    with frozen_parameters(denoiser):
+        ratio = tiar(denoiser, layers, tib, data.schedule, opts, opts.iters if opts.tib_iters is None else opts.tib_iters)
+    logger.info("dq: TIAR loss %.3g x of nearest rounding", ratio)
+    t_data = timestep_data(data)
+    calibrate_activations(TemporalModel(denoiser, tib), layers, t_data, "minmax", len(t_data), opts.batch_size)
+
+
+def calibrate_rest(denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: TFMQConfig) -> None:
+    """The layers outside the temporal block: BRECQ/AdaRound block reconstruction, then FSC (or
+    `timestep_groups`) activation scales with the observer's search."""
+    init_weight_scales(layers, opts.weight_observer)
+    with frozen_parameters(denoiser):
+        reconstruct_weights(denoiser, layers, data, opts)
+    steps = len({s.timestep for s in data.samples})
+    groups = steps if opts.fsc is FSCScope.ALL else opts.timestep_groups
+    calibrate_activations(denoiser, layers, data, opts.act_observer, groups, opts.batch_size)
+    attach_timestep_hook(denoiser)  # also selects the temporal block's per-step sets
+
+
 @register_calibrator(TFMQConfig)
 class TFMQCalibrator(Calibrator[TFMQConfig]):
-    """TFMQ-DM (Huang et al., CVPR 2024): TIAR for the temporal block, BRECQ for the rest, FSC activations."""
+    """TFMQ-DM (Huang et al., CVPR 2024): TIAR for the temporal block, BRECQ for the rest, FSC activations.
 
-    blockwise = False  # TIAR reconstructs the time embedding against every block's time projection at once
+    Block by block (dq.pipelines.sequential), the temporal block, which spans the blocks (a UNet's every
+    `time_emb_proj`), is the prelude: calibrated first on the whole denoiser from the timesteps alone; each
+    block then calibrates the rest of its layers (`block_calibrator`).
+    """
+
+    float_targets = True  # BRECQ's asymmetric targets, as in Q-Diffusion
 
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         plan_tib_layers(denoiser, selection, find_temporal_block(denoiser, self.config.keep_first_time_linear), recipe)
@@ -182,19 +234,28 @@ class TFMQCalibrator(Calibrator[TFMQConfig]):
             plan_split_shortcuts(denoiser, selection, conv1=self.config.split_conv1)
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
-        opts = self.config
-        tib = find_temporal_block(denoiser, opts.keep_first_time_linear)
         _check_layers(layers, list(layers))
-        init_weight_scales(layers, opts.weight_observer)
-        tib_set = set(tib.layers)
-        steps = len({s.timestep for s in data.samples})
-        with frozen_parameters(denoiser):
-            iters = opts.iters if opts.tib_iters is None else opts.tib_iters
-            ratio = tiar(denoiser, layers, tib, data.schedule, opts, iters)
-            logger.info("dq: TIAR loss %.3g x of nearest rounding", ratio)
-            reconstruct_weights(denoiser, layers, data, opts, exclude=tib_set)
-            tib_layers = {n: layers[n] for n in tib.layers if n in layers}
-            rest = {n: l for n, l in layers.items() if n not in tib_set}
-            calibrate_activations(denoiser, tib_layers, data, "minmax", steps, opts.batch_size)
-            rest_groups = steps if opts.fsc is FSCScope.ALL else opts.timestep_groups
-            calibrate_activations(denoiser, rest, data, opts.act_observer, rest_groups, opts.batch_size)
+        tib = find_temporal_block(denoiser, self.config.keep_first_time_linear)
+        self.calibrate_prelude(denoiser, {n: layers[n] for n in tib.layers if n in layers}, data)
+        calibrate_rest(denoiser, {n: l for n, l in layers.items() if n not in tib.layers}, data, self.config)
+
+    def prelude_layers(self, denoiser: nn.Module, selection: LayerSelection) -> list[str]:
+        tib = find_temporal_block(denoiser, self.config.keep_first_time_linear)
+        return tib.keep_float + tib.layers
+
+    def calibrate_prelude(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], data: CalibData) -> None:
+        _check_layers(layers, list(layers))
+        calibrate_temporal_block(denoiser, layers, find_temporal_block(denoiser, self.config.keep_first_time_linear), data, self.config)
+
+    def block_calibrator(self) -> Calibrator:
+        return TFMQBlockCalibrator(self.config)
+
+
+class TFMQBlockCalibrator(Calibrator[TFMQConfig]):
+    """TFMQ-DM on one block once the temporal block is calibrated: the rest of its layers (`calibrate_rest`)."""
+
+    float_targets = True
+
+    def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
+        _check_layers(layers, list(layers))
+        calibrate_rest(denoiser, layers, data, self.config)

@@ -107,8 +107,10 @@ def select_timestep(root: nn.Module, t: torch.Tensor | float, quantizers: list[A
             q.group = g.to(q.scale.device)
 
 
-def attach_timestep_hook(denoiser: nn.Module) -> bool:
+def attach_timestep_hook(denoiser: nn.Module, quantizers: list[ActQuantizer] | None = None) -> bool:
     """Install (or refresh) the pre-forward hook that selects timestep groups. False when none are grouped.
+
+    quantizers: the grouped quantizers it selects for (default: every one under the denoiser).
 
     Example:
         >>> attach_timestep_hook(pipe.unet)   # done by dq.quantize and by from_pretrained
@@ -117,7 +119,7 @@ def attach_timestep_hook(denoiser: nn.Module) -> bool:
     if old is not None:
         old.remove()
         object.__setattr__(denoiser, HOOK_ATTR, None)
-    quantizers = grouped_quantizers(denoiser)
+    quantizers = grouped_quantizers(denoiser) if quantizers is None else quantizers
     if not quantizers:
         return False
 

@@ -8,19 +8,24 @@ calibrated recipe without ever holding the float denoiser in memory:
    just before it runs and freed after. The denoiser's inputs at the calibration steps are stored in the work
    directory, and one traced call records which blocks' outputs reach which blocks' inputs
    (`dq.calib.sequential.trace_block_flow`). Text encoders and VAE are freed when this ends.
-2. Blocks, in call order. A block's inputs are recomputed for every sample by the denoiser's own forward,
+2. Prelude, for methods with layers that span the blocks (TFMQ's temporal block: a UNet's time embedding and
+   every resnet's `time_emb_proj`): those layers alone are read and calibrated on the whole denoiser from the
+   timesteps alone, before any block (`Calibrator.prelude_layers`). Redone on resume: it takes seconds.
+3. Blocks, in call order. A block's inputs are recomputed for every sample by the denoiser's own forward,
    with the blocks before it replaying their stored outputs instead of running, and stopped at the block;
    held in memory up to `max_memory`, spilled to disk beyond it. The float block is read, calibrated on
    those inputs by the recipe's calibrator (through `BlockDenoiser`), quantized and packed. Its quantized
    outputs are stored for the blocks that read them (as GPTQ's and BRECQ's sequential pipelines feed the
-   next block: the quantized model's inputs), its tensors written, and it is freed. A calibrator's targets
-   are the float block's outputs on those same inputs, not the float model's (BRECQ's asymmetric targets,
-   which `dq.quantize` in memory uses): the float model is never resident.
-3. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
+   next block: the quantized model's inputs), its tensors written, and it is freed. For methods whose
+   targets are the float model's outputs (`Calibrator.float_targets`: Q-Diffusion and TFMQ, BRECQ's
+   asymmetric reconstruction) a second stream runs beside it: the float block's outputs on the float model's
+   inputs, from which the targets come, as in memory; the float model is still never resident.
+4. Glue: the layers outside the blocks, calibrated with every block replaying.
+5. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
 
 Each finished block is recorded in `<out>.dq-partial/` (`dq.pipelines.streaming.WorkDir`); a run interrupted at any point continues at the first
 unfinished block when started again with the same arguments. Memory: the glue, one float block, and the
-calibration activations of one block boundary (those beyond `max_memory` on disk).
+calibration activations of one block boundary, twice with a float stream (those beyond `max_memory` on disk).
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
 from dq.calib.data import collate, map_tensors
 from dq.calib.quantize import QuantPlan
 from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
-from dq.calib.timestep import attach_timestep_hook
+from dq.calib.state import quant_state
+from dq.calib.timestep import attach_timestep_hook, grouped_quantizers
 from dq.errors import DQError
 from dq.io import atomic_directory, atomic_file, check_writable
-from dq.nn import plan_of, quant_layers
+from dq.nn import deploy_all, plan_of, quant_layers, swap_layers
 from dq.nn.select import LayerSelection
 from dq.pipelines.calibration import CalibConfig, calibration_data, load_data, save_data
 from dq.pipelines.config import DQConfig
@@ -71,6 +77,7 @@ from dq.sizes import nested_bytes
 logger = logging.getLogger(__name__)
 
 MAX_MEMORY = 4 * 2**30
+QUANTIZED, FLOAT = "quantized", "float"  # the block-output streams: the quantized model's, the float model's
 
 
 class _Reached(Exception):
@@ -102,11 +109,12 @@ class Checkpoint:
         cast = {n: t.to(current[n].dtype) if t.is_floating_point() else t for n, t in tensors.items()}
         module.load_state_dict(cast, strict=False, assign=True)
 
-    def load_block(self, name: str) -> nn.Module:
-        """The block `name` of the skeleton, materialized on CPU with its float weights."""
-        block = self.skeleton.get_submodule(name)
-        self._load(block, list(block.state_dict()), name)
-        return block
+    def load_module(self, name: str) -> nn.Module:
+        """The module `name` of the skeleton (a block, or one layer), its unmaterialized (meta) tensors read from
+        the checkpoint; a layer already swapped in by a prelude keeps its own."""
+        module = self.skeleton.get_submodule(name)
+        self._load(module, [n for n, t in module.state_dict().items() if t.is_meta], name)
+        return module
 
     def load_glue(self, blocks: list[str]) -> None:
         """Materialize everything of the skeleton outside the blocks."""
@@ -122,7 +130,7 @@ class _StreamedBlocks:
 
     def __enter__(self) -> "_StreamedBlocks":
         for name, block in self.blocks.items():
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, n=name: self.checkpoint.load_block(n) and None))
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, n=name: self.checkpoint.load_module(n) and None))
             self.handles.append(block.register_forward_hook(lambda m, a, out: _free(m)))
         return self
 
@@ -138,11 +146,12 @@ def _free(module: nn.Module) -> None:
 
 # -- replaying the blocks before the one being calibrated --------------------------------------------------
 class _Outputs:
-    """The quantized outputs of finished blocks, one file per block and sample, kept while a later block reads
-    them; and the shape of every output (a block nobody reads still returns zeros of its shape to the glue)."""
+    """One stream's outputs of finished blocks (the quantized model's, or the float model's), one file per block
+    and sample, kept while a later block reads them; and the shape of every output (a block nobody reads still
+    returns zeros of its shape to the glue)."""
 
-    def __init__(self, work: Path) -> None:
-        self.values, self.shapes = work / "outputs", work / "output-shapes"
+    def __init__(self, root: Path) -> None:
+        self.values, self.shapes = root / "values", root / "shapes"
 
     def save(self, block: str, sample: int, output: Any, keep: bool) -> None:
         for root, obj in ((self.shapes, map_tensors(output, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))),
@@ -167,7 +176,8 @@ class _Outputs:
 
 
 class _Replaying:
-    """Context: the named blocks return their stored outputs for the current samples instead of running."""
+    """Context: the named blocks return the current stream's stored outputs for the current samples instead of
+    running (`outputs` may be switched between streams inside)."""
 
     def __init__(self, blocks: dict[str, nn.Module], names: list[str], outputs: _Outputs, reads: set[str]) -> None:
         self.blocks, self.names, self.outputs, self.reads = blocks, names, outputs, reads
@@ -186,17 +196,20 @@ class _Replaying:
 
 class GlueDenoiser(nn.Module):
     """The denoiser with every block replaying its stored outputs, called as a denoiser on keyword arguments
-    only (`timestep` for the quantizers, `sample`: each row's sample index), to calibrate the glue's layers."""
+    only (`timestep` for the quantizers, `sample`: each row's sample index, `stream`: whose outputs the blocks
+    replay), to calibrate the glue's layers."""
 
-    def __init__(self, denoiser: nn.Module, replaying: _Replaying) -> None:
+    def __init__(self, denoiser: nn.Module, replaying: _Replaying, streams: dict[str, _Outputs]) -> None:
         super().__init__()
         self.replay_dtype = nn.Parameter(torch.empty(0), requires_grad=False)  # see BlockDenoiser
         self.denoiser = denoiser
         self.replaying = replaying
+        self.streams = streams
 
-    def forward(self, timestep: torch.Tensor, sample: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def forward(self, timestep: torch.Tensor, sample: torch.Tensor, args: tuple, kwargs: dict, stream: str = QUANTIZED) -> Any:
         ids, counts = sample.unique_consecutive(return_counts=True)
         self.replaying.samples, self.replaying.rows = ids.tolist(), counts.tolist()
+        self.replaying.outputs = self.streams[stream]
         return self.denoiser(*args, **kwargs)
 
 
@@ -208,49 +221,53 @@ def _replay_inputs(sample: CalibSample) -> tuple[tuple, dict]:
 
 
 def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, name: str, data: CalibData,
-                         outputs: _Outputs, spill: Path, max_memory: int) -> CalibData:
+                         streams: dict[str, _Outputs], spill: Path, max_memory: int) -> CalibData:
     """The inputs of block `name` for every sample: the denoiser's forward with the earlier blocks replaying
-    their stored outputs, stopped at the block. In memory up to `max_memory` bytes, then spilled to `spill`."""
+    their stored outputs, stopped at the block; with a FLOAT stream also the float model's inputs (quantizers
+    off, the float outputs replayed). In memory up to `max_memory` bytes, then spilled to `spill`."""
     found: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         found["inputs"] = map_tensors((args, kwargs), lambda t: t.detach().clone())
         raise _Reached
 
+    def inputs_in(stream: str, i: int, s: CalibSample) -> dict:
+        replaying.samples, replaying.rows, replaying.outputs = [i], [s.rows], streams[stream]
+        found.clear()
+        args, kwargs = _replay_inputs(s)
+        with quant_state(denoiser, weights=stream == QUANTIZED, acts=stream == QUANTIZED):
+            try:
+                denoiser(*args, **kwargs)
+            except _Reached:
+                pass
+        if "inputs" not in found:
+            raise DQError(f"block {name!r} did not run for calibration sample {i}; block-sequential calibration needs every block to run on every sample.")
+        return block_inputs(torch.full((s.rows,), s.timestep), *found["inputs"])
+
     samples, held = [], 0
     handle = blocks[name].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with _Replaying(blocks, flow.order[: flow.order.index(name)], outputs, set(flow.sources[name])) as replaying, torch.no_grad():
+        with _Replaying(blocks, flow.order[: flow.order.index(name)], streams[QUANTIZED], set(flow.sources[name])) as replaying, torch.no_grad():
             for i, s in enumerate(data.samples):
-                replaying.samples, replaying.rows = [i], [s.rows]
-                found.clear()
-                args, kwargs = _replay_inputs(s)
-                try:
-                    denoiser(*args, **kwargs)
-                except _Reached:
-                    pass
-                if "inputs" not in found:
-                    raise DQError(f"block {name!r} did not run for calibration sample {i}; block-sequential calibration needs every block to run on every sample.")
-                kw = block_inputs(torch.full((s.rows,), s.timestep), *found["inputs"])
-                held += nested_bytes(kw)
-                sample = CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows)
+                sample = CalibSample(s.step, s.timestep, s.prompt, (), inputs_in(QUANTIZED, i, s), s.rows)
+                if FLOAT in streams:
+                    sample.float_kwargs = inputs_in(FLOAT, i, s)
+                held += nested_bytes(sample.all_inputs())
                 if held > max_memory:
-                    spill.mkdir(parents=True, exist_ok=True)
-                    sample.stored, sample.kwargs = spill / f"{i:05d}.pt", {}
-                    torch.save(((), kw), sample.stored)
+                    sample.spill(spill / f"{i:05d}.pt")
                 samples.append(sample)
     finally:
         handle.remove()
     return CalibData(samples, data.schedule, data.drawn)
 
 
-def glue_data(data: CalibData) -> CalibData:
-    """The denoiser's calibration samples as GlueDenoiser calls."""
+def glue_data(data: CalibData, float_stream: bool) -> CalibData:
+    """The denoiser's calibration samples as GlueDenoiser calls (with the float model's where it has a stream)."""
     samples = []
     for i, s in enumerate(data.samples):
         args, kwargs = s.inputs()
         kw = {"timestep": torch.full((s.rows,), s.timestep), "sample": torch.full((s.rows,), i), "args": args, "kwargs": kwargs}
-        samples.append(CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows))
+        samples.append(CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows, float_kwargs={**kw, "stream": FLOAT} if float_stream else None))
     return CalibData(samples, data.schedule, data.drawn)
 
 
@@ -289,41 +306,49 @@ def sequential_quantize(path: str | Path, recipe: str | Recipe, out: str | Path,
         skeleton, config = model_skeleton(model_dir, buffers=True)
         files = checkpoint_files(model_dir)
         plan = plan_quantization(skeleton, recipe)
-        if not plan.calibrator.blockwise:
-            raise DQError(
-                f"recipe {recipe.name!r} ({recipe.method}) calibrates across blocks and cannot run block by block; "
-                "quantize the pipeline in memory with dq.quantize."
-            )
         blocks = denoiser_blocks(skeleton)
-        glue = glue_plan(plan, list(blocks))
+        prelude = plan.calibrator.prelude_layers(skeleton, plan.selection)
+        rest = QuantPlan(LayerSelection({n: p for n, p in plan.selection.plans.items() if n not in prelude}, plan.selection.skipped),
+                         plan.calibrator.block_calibrator())
         checkpoint = Checkpoint(skeleton, files)
         checkpoint.load_glue(list(blocks))
     calib_settings = None if calib is None else asdict(calib)
     work = WorkDir(out, run_key(model_dir, files, recipe, calib=calib_settings, max_memory=max_memory))
     done: dict[str, dict] = work.state.setdefault("done", {})  # block (or GLUE) -> {layer name: layer plan}
+    glue_layers = [n for n in plan.selection.plans if not in_blocks(n, list(blocks))]
     with stage(report, "capture"):
-        data, flow = _capture(work, checkpoint, blocks, [skeleton.get_submodule(n) for n in glue.selection.plans],
+        data, flow = _capture(work, checkpoint, blocks, [skeleton.get_submodule(n) for n in glue_layers],
                               pipeline_dir, model_dir.name, recipe, calib)
-    outputs = _Outputs(work.path)
+    if prelude:
+        with stage(report, "prelude"):
+            for name in prelude:
+                checkpoint.load_module(name)
+            planned = {n: plan.selection.plans[n] for n in prelude if n in plan.selection.plans}
+            layers = swap_layers(skeleton, planned)
+            plan.calibrator.calibrate_prelude(skeleton, layers, data)
+            # The glue's prelude layers select their timestep groups in the skeleton; a block's, in its BlockDenoiser.
+            attach_timestep_hook(skeleton, [q for n, layer in layers.items() if not in_blocks(n, list(blocks)) for q in grouped_quantizers(layer)])
+    streams = {stream: _Outputs(work.path / f"outputs-{stream}") for stream in (QUANTIZED, FLOAT)[: 1 + plan.calibrator.float_targets]}
     last_reader = flow.last_reader()
     for name in tqdm(flow.order, desc=f"dq: block-sequential {recipe.name}", leave=False):
         if name in done:
             continue
         with stage(report, f"block {name}"):
-            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, outputs, work.path / "inputs" / name, max_memory)
-            done[name] = _quantize_block(checkpoint, name, recipe, plan, block_data, outputs, work.path, keep=name in last_reader)
+            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, streams, work.path / "inputs" / name, max_memory)
+            done[name] = _quantize_block(checkpoint, name, recipe, rest, block_data, streams, work.path, keep=name in last_reader)
             for source, reader in last_reader.items():
                 if reader == name:
-                    outputs.drop(source)
+                    for outputs in streams.values():
+                        outputs.drop(source)
             shutil.rmtree(work.path / "inputs" / name, ignore_errors=True)
             del block_data
             release_freed_memory()
         work.save()
         seconds, peak = report.stages[f"block {name}"]
         logger.info("dq: block %s done (%d/%d): %.1f s, peak RSS %.0f MiB", name, len(done), len(flow.order), seconds, peak / 2**20)
-    if glue.selection.plans and GLUE not in done:
+    if glue_layers and GLUE not in done:
         with stage(report, "glue"):
-            done[GLUE] = _quantize_glue(skeleton, blocks, flow, recipe, glue, data, outputs, work.path)
+            done[GLUE] = _quantize_glue(skeleton, blocks, flow, recipe, glue_plan(rest, list(blocks)), data, streams, work.path)
         work.save()
     report.quantized = sum(len(plans) for plans in done.values())
     with stage(report, "write"):
@@ -357,16 +382,25 @@ def _capture(work: WorkDir, checkpoint: Checkpoint, blocks: dict[str, nn.Module]
     return data, flow
 
 
-def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: QuantPlan, data: CalibData, outputs: _Outputs,
-                    work: Path, keep: bool) -> dict[str, dict]:
-    """Read, calibrate, quantize and store one block, and store its outputs; returns its layers' plans."""
-    block = checkpoint.load_block(name)
-    model = BlockDenoiser(block, torch.float32)
-    quantize_model(model, recipe, data, block_plan(plan, name))
-    attach_timestep_hook(model)
+def _store_outputs(model: nn.Module, name: str, data: CalibData, outputs: _Outputs, keep: bool, float_model: bool = False) -> None:
     with torch.no_grad():
         for i, s in enumerate(data.samples):
-            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1))), keep)
+            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1)), float_model), keep)
+
+
+def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: QuantPlan, data: CalibData, streams: dict[str, _Outputs],
+                    work: Path, keep: bool) -> dict[str, dict]:
+    """Read, calibrate, quantize and store one block, and store its outputs in every stream (the float ones
+    first, from the float block on the float inputs); returns its layers' plans."""
+    block = checkpoint.load_module(name)
+    model = BlockDenoiser(block, torch.float32)
+    if FLOAT in streams:
+        with quant_state(model, weights=False, acts=False):  # a prelude layer inside is already swapped
+            _store_outputs(model, name, data, streams[FLOAT], keep, float_model=True)
+    quantize_model(model, recipe, data, block_plan(plan, name))
+    deploy_all(model)  # with the prelude's layers inside the block
+    attach_timestep_hook(model)
+    _store_outputs(model, name, data, streams[QUANTIZED], keep)
     _save_tensors(work / "blocks" / f"{name}.safetensors", {f"{name}.{k}": v for k, v in block.state_dict().items()})
     _free(block)
     cut = len(BLOCK_PREFIX) + 1
@@ -374,15 +408,18 @@ def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: Qua
 
 
 def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, recipe: Recipe, glue: QuantPlan,
-                   data: CalibData, outputs: _Outputs, work: Path) -> dict[str, dict]:
-    """Calibrate and quantize the layers outside the blocks, with every block replaying its quantized outputs."""
-    with _Replaying(blocks, flow.order, outputs, set(flow.sources.get(GLUE, []))) as replaying:
-        model = GlueDenoiser(skeleton, replaying)
+                   data: CalibData, streams: dict[str, _Outputs], work: Path) -> dict[str, dict]:
+    """Calibrate and quantize the layers outside the blocks, with every block replaying its outputs, and pack
+    the prelude's layers there."""
+    with _Replaying(blocks, flow.order, streams[QUANTIZED], set(flow.sources.get(GLUE, []))) as replaying:
+        model = GlueDenoiser(skeleton, replaying, streams)
         prefixed = {f"denoiser.{n}": p for n, p in glue.selection.plans.items()}
-        quantize_model(model, recipe, glue_data(data), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
-    tensors = {k: v for k, v in skeleton.state_dict().items() if not in_blocks(k, list(blocks))}
-    _save_tensors(work / "glue.safetensors", tensors)
-    return {n: plan_of(skeleton.get_submodule(n)).to_dict() for n in glue.selection.plans}
+        if prefixed:
+            quantize_model(model, recipe, glue_data(data, FLOAT in streams), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
+    deploy_all(skeleton)
+    names = list(blocks)
+    _save_tensors(work / "glue.safetensors", {k: v for k, v in skeleton.state_dict().items() if not in_blocks(k, names)})
+    return {n: plan_of(layer).to_dict() for n, layer in quant_layers(skeleton) if not in_blocks(n, names)}
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -51,7 +51,7 @@ def test_block_flow_follows_the_unet_skip_connections():
 
 
 @pytest.mark.parametrize("family,recipe", [("pixart", "w4a8-timestep"), ("pixart", "svdquant-w4a4"), ("sd", "w4a8-qdiffusion"),
-                                           ("pixart", "w8a8-ptq4dm")])
+                                           ("pixart", "w8a8-ptq4dm"), ("pixart", "w4a8-tfmq")])
 def test_block_sequential_is_as_close_to_fp_as_in_memory(tmp_path, family, recipe):
     pipe, kwargs, calib = _saved(family, tmp_path / "fp")
     recipe = _recipe(recipe)
@@ -71,6 +71,45 @@ def test_block_sequential_is_as_close_to_fp_as_in_memory(tmp_path, family, recip
         assert "QuantSplitConv2d" in {t.__name__ for t in layers.values()}
     error = {name: float((run(p, kwargs) - ref).norm() / ref.norm()) for name, p in (("seq", streamed), ("mem", in_memory))}
     assert 0 < error["seq"] < 1.25 * error["mem"], error
+
+
+def test_float_targets_come_from_the_float_models_block_inputs(tmp_path, monkeypatch):
+    """Q-Diffusion and TFMQ reconstruct against the float model: every block's float stream is the float
+    denoiser's own input to that block, the quantized stream differs once a quantized block ran; TFMQ's
+    temporal layers inside the blocks (the resnets' time_emb_proj) are calibrated first, as the prelude."""
+    pipe, _, calib = _saved("sd", tmp_path / "fp")
+    seen = {}
+
+    def spy(denoiser, blocks, flow, name, data, *rest):
+        seen[name] = (data, capture_block_inputs(denoiser, blocks, flow, name, data, *rest))
+        return seen[name][1]
+
+    capture_block_inputs = sequential.capture_block_inputs
+    monkeypatch.setattr(sequential, "capture_block_inputs", spy)
+    recipe = load_recipe("w4a8-tfmq")
+    recipe = dataclasses.replace(recipe, only=("up_blocks.1.*",), options={**recipe.options, **FAST, "tib_iters": 4})
+    report = sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
+    assert "prelude" in report.stages
+    assert "up_blocks.1.resnets.0.time_emb_proj" in dict(quant_layers(_load(tmp_path / "q").unet))
+    unet, grabbed = pipe.unet, {}
+
+    def grab(module, args, kwargs):
+        grabbed["inputs"] = (args, kwargs)
+        raise StopIteration
+
+    for name, (data, block_data) in seen.items():
+        handle = unet.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True)
+        for s, b in zip(data.samples, block_data.samples):
+            args, kwargs = sequential._replay_inputs(s)
+            with torch.no_grad(), pytest.raises(StopIteration):
+                unet(*args, **kwargs)
+            fp, q = (b.all_inputs()[2], b.all_inputs()[1])
+            for key, expected in zip(("block_args", "block_kwargs"), grabbed["inputs"]):
+                torch.testing.assert_close(fp[key], expected, rtol=1e-5, atol=1e-5)
+            if name == "up_blocks.2":  # after the quantized up_blocks.1
+                hidden = lambda kw: kw["block_kwargs"].get("hidden_states", kw["block_args"][0] if kw["block_args"] else None)  # noqa: E731
+                assert not torch.allclose(hidden(q), hidden(fp), atol=1e-3)
+        handle.remove()
 
 
 def test_no_more_than_two_float_blocks_are_resident(tmp_path):
@@ -122,8 +161,8 @@ def test_an_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monk
 
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
     _, _, calib = _saved("sd", tmp_path / "fp")
-    with pytest.raises(dq.DQError, match="calibrates across blocks"):
-        sequential_quantize(tmp_path / "fp", "w4a8-tfmq", tmp_path / "a", calib=calib)
+    with pytest.raises(dq.DQError, match="max_memory"):
+        sequential_quantize(tmp_path / "fp", "w4a8-timestep", tmp_path / "a", calib=calib, max_memory=-1)
     with pytest.raises(dq.DQError, match="model directory"):
         sequential_quantize(tmp_path / "fp" / "unet", "w4a8-timestep", tmp_path / "b", calib=calib)
     with pytest.raises(dq.DQError, match="data-free"):
