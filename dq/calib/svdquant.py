@@ -325,6 +325,8 @@ def _calibrate_unit(layers, x, x_span, options, names) -> UnitResult:
 def _gptq_layer(layer: QuantLayerMixin, hessian: torch.Tensor, options: SVDQuantConfig) -> None:
     """GPTQ-round the layer's (residual) weight with its min-max scales fixed; rounding stays on its grid."""
     wq = layer.weight_quantizer
+    if wq.progressive:
+        raise DQError("GPTQ rounds on one grid of scales; progressive weights (two levels, QServe) round to nearest: drop gptq.")
     s, z = wq.expanded()
     z = torch.zeros_like(s) if z is None else z
     fmt = wq.spec.fmt

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # (weight_format, act_format or None) -> adapter with the signature of quantized_linear_reference
 # (x already 2-D) returning the output, or a str saying why the kernel cannot take this layer.
+# Progressive weights (dq.quant.progressive) are the "uint4" ones with a channel_scale.
 CUDA_KERNELS: dict[tuple[str, str | None], Callable[..., torch.Tensor | str]] = {}
 _warned: set[tuple] = set()
 
@@ -34,16 +35,18 @@ def register_cuda_kernel(weight_format: str, act_format: str | None):
     return wrap
 
 
-def _int4_groups(x, qweight, weight_scale, weight_zero, in_features) -> int | str:
+def _int4_groups(x, qweight, weight_scale, weight_zero, in_features, smallest: int = 64) -> int | str:
     n, groups = weight_scale.shape
-    if weight_zero is not None:
-        return "asymmetric INT4 weights (zero points)"
     if qweight.shape[1] * 2 != in_features or in_features % groups:
         return f"padded INT4 weights ({qweight.shape[1] * 2} stored for {in_features} features)"
     g = in_features // groups
-    if g < 64 or g & (g - 1):
-        return f"INT4 weight group size {g} (kernels take powers of two >= 64)"
+    if g < smallest or g & (g - 1):
+        return f"INT4 weight group size {g} (kernels take powers of two >= {smallest})"
     return g
+
+
+def _symmetric_int4_groups(x, qweight, weight_scale, weight_zero, in_features) -> int | str:
+    return "asymmetric INT4 weights (zero points)" if weight_zero is not None else _int4_groups(x, qweight, weight_scale, weight_zero, in_features)
 
 
 def _float_act(x: torch.Tensor) -> str | None:
@@ -51,8 +54,8 @@ def _float_act(x: torch.Tensor) -> str | None:
 
 
 @register_cuda_kernel("int4", "int4")
-def _w4a4(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up):
-    g = _int4_groups(x, qweight, weight_scale, weight_zero, in_features)
+def _w4a4(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
+    g = _symmetric_int4_groups(x, qweight, weight_scale, weight_zero, in_features)
     if isinstance(g, str):
         return g
     if not act_spec.symmetric or act_spec.granularity != PerToken(g):
@@ -61,8 +64,8 @@ def _w4a4(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_feat
 
 
 @register_cuda_kernel("int4", "int8")
-def _w4a8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up):
-    g = _int4_groups(x, qweight, weight_scale, weight_zero, in_features)
+def _w4a8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
+    g = _symmetric_int4_groups(x, qweight, weight_scale, weight_zero, in_features)
     if isinstance(g, str):
         return g
     if not act_spec.symmetric or act_spec.granularity != PerToken(None):
@@ -71,8 +74,8 @@ def _w4a8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_feat
 
 
 @register_cuda_kernel("int4", None)
-def _w4a16(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up):
-    g = _int4_groups(x, qweight, weight_scale, weight_zero, in_features)
+def _w4a16(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
+    g = _symmetric_int4_groups(x, qweight, weight_scale, weight_zero, in_features)
     if isinstance(g, str):
         return g
     return _float_act(x) or torch.ops.dq.w4a16_linear(x, qweight, weight_scale, bias, smooth, lora_down, lora_up, g)
@@ -87,15 +90,27 @@ def _w8(x, qweight, weight_scale, weight_zero, bias, act_spec, smooth, lora_down
 
 
 @register_cuda_kernel("int8", "int8")
-def _w8a8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up):
+def _w8a8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
     return _w8(x, qweight, weight_scale, weight_zero, bias, act_spec, smooth, lora_down, lora_up)
 
 
 @register_cuda_kernel("fp8_e4m3", "fp8_e4m3")
-def _fp8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up):
+def _fp8(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
     if torch.cuda.get_device_capability(x.device) < (8, 9):
         return "FP8 on a GPU without FP8 tensor cores (needs sm89+)"
     return _w8(x, qweight, weight_scale, weight_zero, bias, act_spec, smooth, lora_down, lora_up)
+
+
+@register_cuda_kernel("uint4", "int8")
+def _w4a8_progressive(x, qweight, weight_scale, weight_zero, bias, *, weight_format, in_features, act_spec, smooth, lora_down, lora_up, channel_scale):
+    if channel_scale is None:
+        return "UINT4 weights without progressive channel scales"
+    g = _int4_groups(x, qweight, weight_scale, weight_zero, in_features, smallest=32)
+    if isinstance(g, str):
+        return g
+    if not act_spec.symmetric or act_spec.granularity != PerToken(None):
+        return f"INT8 activations {act_spec} (kernel: symmetric PerToken())"
+    return _float_act(x) or torch.ops.dq.w4a8_progressive_linear(x, qweight, weight_scale, weight_zero, channel_scale, bias, smooth, lora_down, lora_up)
 
 
 def quantized_linear(
@@ -111,8 +126,12 @@ def quantized_linear(
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantized linear layer: y = Q(x/s) deq(W)^T + (x/s) L_down^T L_up^T + b (see dq.kernels.reference)."""
+    """Quantized linear layer: y = Q(x/s) deq(W)^T + (x/s) L_down^T L_up^T + b (see dq.kernels.reference).
+
+    channel_scale: the per-channel scale of progressive weights (dq.quant.progressive), else None.
+    """
     kwargs = dict(
         weight_format=weight_format,
         in_features=in_features,
@@ -120,6 +139,7 @@ def quantized_linear(
         smooth=smooth,
         lora_down=lora_down,
         lora_up=lora_up,
+        channel_scale=channel_scale,
     )
     if x.is_cuda:
         key = (weight_format, None if act_spec is None else act_spec.format)

@@ -66,6 +66,27 @@ def _(x, qweight, weight_scale, bias, smooth, lora_down, lora_up):
     return _empty_out(x, qweight)
 
 
+@torch.library.custom_op("dq::w4a8_progressive_linear", mutates_args=())
+def w4a8_progressive_linear(
+    x: Tensor, qweight: Tensor, group_scale: Tensor, group_zero: Tensor, channel_scale: Tensor, bias: Optional[Tensor],
+    smooth: Optional[Tensor], lora_down: Optional[Tensor], lora_up: Optional[Tensor],
+) -> Tensor:
+    """Progressive-group UINT4 weights (dq.quant.progressive) with INT8 per-token activations."""
+    if x.is_cuda:
+        from dq.kernels.w4a8_progressive import w4a8_progressive_linear as launch  # Triton loads on the first CUDA call only
+
+        return launch(x, qweight, group_scale, group_zero, channel_scale, bias, smooth, lora_down, lora_up)
+    return quantized_linear_reference(
+        x, qweight, group_scale, group_zero, bias, weight_format="uint4", in_features=x.shape[-1],
+        act_spec=QuantSpec("int8", PerToken()), smooth=smooth, lora_down=lora_down, lora_up=lora_up, channel_scale=channel_scale,
+    )
+
+
+@w4a8_progressive_linear.register_fake
+def _(x, qweight, group_scale, group_zero, channel_scale, bias, smooth, lora_down, lora_up):
+    return _empty_out(x, qweight)
+
+
 @torch.library.custom_op("dq::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor],

@@ -109,13 +109,18 @@ def weight_operand(
     weight_format: str,
     in_features: int,
     alloc: Allocator | None = None,
+    channel_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(FP32 [out, in] GEMM operand, per-output-channel scale [out] to apply to the GEMM output, or None).
 
-    Symmetric per-channel weights give their grid values and the scale apart; others the dequantized weight.
-    With the default allocator (buffer_allocator) a CPU operand is a reused buffer: use it before the next call.
+    Symmetric per-channel weights give their grid values and the scale apart; progressive weights (with
+    `channel_scale`, dq.quant.progressive) their INT8 operand (u - z) * s2 and s1 apart; others the
+    dequantized weight. With the default allocator (buffer_allocator) a CPU operand is a reused buffer: use
+    it before the next call.
     """
     alloc = alloc or buffer_allocator(qweight.device)
+    if channel_scale is not None:
+        return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), cast(channel_scale).view(-1)
     if weight_zero is None and weight_scale.shape == (qweight.shape[0], 1):
         codes = decode_codes(qweight, weight_format, alloc)
         return codes if codes.shape[1] == in_features else codes[:, :in_features], cast(weight_scale).view(-1)
@@ -145,6 +150,7 @@ def weight_tiles(
     weight_format: str,
     in_features: int,
     rows: int,
+    channel_scale: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
     """(output-channel slice, its weight_operand) for `rows` output channels at a time (0: all at once).
 
@@ -154,8 +160,8 @@ def weight_tiles(
     alloc = buffer_allocator(qweight.device)
     for start in range(0, n, rows or n):
         sl = slice(start, min(n, start + (rows or n)))
-        scale, zero = (t if t is None or t.shape[0] == 1 else t[sl] for t in (weight_scale, weight_zero))
-        yield (sl, *weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc))
+        scale, zero, channel = (t if t is None or t.shape[0] == 1 else t[sl] for t in (weight_scale, weight_zero, channel_scale))
+        yield (sl, *weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc, channel))
 
 
 def reciprocal_fake_quantize(x2: torch.Tensor, act_spec: QuantSpec) -> torch.Tensor:
@@ -203,11 +209,14 @@ def quantized_linear_reference(
     smooth: torch.Tensor | None = None,
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
     int_gemm: bool | None = None,
     tile_rows: int | None = None,
     act_rounding: str = "division",
 ) -> torch.Tensor:
     """Reference quantized linear; x is [..., in_features], returns [..., out_features] in x.dtype.
+
+    channel_scale: the per-channel scale s1 [out, 1] of progressive weights (dq.quant.progressive), else None.
 
     int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
     True / False force the integer / the float GEMM. tile_rows sets the weight tile (output channels;
@@ -228,7 +237,7 @@ def quantized_linear_reference(
         y = _scale_output(torch._int_mm(codes.to(torch.int8), qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
     else:
         xa, row_scale = act_operand(x2, act_spec, alloc, act_rounding)
-        y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows)
+        y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows, channel_scale)
     if lora_down is not None and lora_down.shape[0] > 0:
         y = y.addmm_(x2 @ cast(lora_down).t(), cast(lora_up).t())
     return cast(y, x.dtype).reshape(*lead, -1)
@@ -244,18 +253,19 @@ def _float_gemm(
     weight_format: str,
     in_features: int,
     tile_rows: int | None,
+    channel_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """(xa @ operand^T) * row_scale * per-channel scale + bias, with the whole weight or in weight tiles."""
     n = qweight.shape[0]
     tiled = xa.device.type == "cpu" and not torch.is_grad_enabled()
     rows = tile_rows if tile_rows is not None else weight_tile_rows(xa.numel() * 4, n, in_features) if tiled else 0
     if not rows:
-        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features)
+        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features, channel_scale=channel_scale)
         if row_scale is None and col_scale is None:
             return F.linear(xa, w, bias)
         return _scale_output(F.linear(xa, w), row_scale, col_scale, bias)
     y_t = xa.new_empty(n, xa.shape[0])  # rows of y^T are the tiles' outputs: contiguous writes
-    for sl, w, col_scale in weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, rows):
+    for sl, w, col_scale in weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, rows, channel_scale):
         torch.mm(w, xa.t(), out=y_t[sl])
         if col_scale is not None:
             y_t[sl].mul_(col_scale.unsqueeze(1))

@@ -30,6 +30,13 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         89: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
         90: [(128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
     },
+    # Progressive-group W4A8 (w4a8_progressive.py), transposed like w4a4_mma8, one INT32 accumulator per output
+    # (no per-group partial): the same tiles, untimed on a GPU so far.
+    "w4a8_progressive": {
+        80: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        89: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
+        90: [(128, 256, 8, 4), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
+    },
     "w8": {
         80: [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4)],
         89: [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
@@ -44,7 +51,7 @@ _CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
              (128, 128, 8, 3)],
     },
 }
-_BLOCK_K = {"w4": None, "w4a4_mma8": None, "w8": 128, "w4a16": None}
+_BLOCK_K = {"w4": None, "w4a4_mma8": None, "w4a8_progressive": None, "w8": 128, "w4a16": None}
 
 
 @dataclass(frozen=True)

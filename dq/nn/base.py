@@ -7,17 +7,25 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.nn.quantizer import ActQuantizer, WeightQuantizer
-from dq.quant import QuantSpec
+from dq.quant import Progressive, QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
 from dq.sizes import tensor_bytes, tensors_bytes
 
-# Deployed layers keep scales in half precision: 1/32 of a byte per weight at group 64.
+# Deployed layers keep scales in half precision: 1/32 of a byte per weight at group 64. Progressive weights
+# (dq.quant.progressive) keep their integer group scales and zeros in bytes, their channel scales in halves.
 SCALE_DTYPE = torch.float16
+PROGRESSIVE_GROUP_DTYPE = torch.uint8
+
+
+def group_param_dtype(spec: QuantSpec) -> torch.dtype:
+    """The stored dtype of a deployed weight's [rows, groups] scales and zero points."""
+    return PROGRESSIVE_GROUP_DTYPE if isinstance(spec.granularity, Progressive) else SCALE_DTYPE
 
 
 class QuantLayerMixin:
     """Mixed into a torch layer. Simulate mode keeps the float `weight` Parameter and fake-quantizes;
-    deploy mode replaces it by buffers `qweight` (packed codes), `weight_scale` and `weight_zero`.
+    deploy mode replaces it by buffers `qweight` (packed codes), `weight_scale` and `weight_zero` (and, for
+    progressive weights, `weight_channel_scale`).
     In deploy mode `layer.weight` still answers, with the dequantized weight, so code that reads
     `.weight.shape` / `.dtype` / `.device` (PEFT, diffusers) keeps working.
     """
@@ -100,10 +108,12 @@ class QuantLayerMixin:
         del self._parameters["weight"]
         self.register_buffer("qweight", encode_codes(grid, self.weight_quantizer.spec.format))
         wq = self.weight_quantizer
-        self.register_buffer("weight_scale", wq.scale.to(SCALE_DTYPE))
-        self.register_buffer("weight_zero", None if wq.zero is None else wq.zero.to(SCALE_DTYPE))
+        dtype = group_param_dtype(wq.spec)
+        self.register_buffer("weight_scale", wq.scale.to(dtype))
+        self.register_buffer("weight_zero", None if wq.zero is None else wq.zero.to(dtype))
+        self.register_buffer("weight_channel_scale", None if wq.channel_scale is None else wq.channel_scale.to(SCALE_DTYPE))
         # The quantizer's float scales are now carried by weight_scale; keep them out of the state dict.
-        wq.scale, wq.zero = None, None
+        wq.scale, wq.zero, wq.channel_scale = None, None, None
 
     def allocate_deployed(self, device: torch.device | str = "cpu") -> None:
         """Turn a freshly built layer into an empty deploy-mode layer, ready to receive a state dict."""
@@ -112,16 +122,21 @@ class QuantLayerMixin:
         shape, dtype = storage_shape_dtype(wq.spec.format, out_f, in_f)
         del self._parameters["weight"]
         self.register_buffer("qweight", torch.empty(shape, dtype=dtype, device=device))
-        self.register_buffer("weight_scale", torch.empty(tuple(wq.scale.shape), dtype=SCALE_DTYPE, device=device))
-        zero = None if wq.zero is None else torch.empty(tuple(wq.zero.shape), dtype=SCALE_DTYPE, device=device)
+        group_dtype = group_param_dtype(wq.spec)
+        self.register_buffer("weight_scale", torch.empty(tuple(wq.scale.shape), dtype=group_dtype, device=device))
+        zero = None if wq.zero is None else torch.empty(tuple(wq.zero.shape), dtype=group_dtype, device=device)
         self.register_buffer("weight_zero", zero)
-        wq.scale, wq.zero = None, None
+        channel = None if wq.channel_scale is None else torch.empty(tuple(wq.channel_scale.shape), dtype=SCALE_DTYPE, device=device)
+        self.register_buffer("weight_channel_scale", channel)
+        wq.scale, wq.zero, wq.channel_scale = None, None, None
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as the deployed layer computes with it, in the layer's weight dtype and shape."""
         w2d = dequantize_stored(
             self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format, self.weight_2d_shape[1]
         )
+        if self.weight_channel_scale is not None:
+            w2d = w2d * self.weight_channel_scale.float()
         return w2d.reshape(self.weight_shape).to(self.weight_dtype)
 
     def quant_repr(self) -> str:
@@ -133,4 +148,4 @@ class QuantLayerMixin:
         """Bytes of the weight as stored (codes + scales in deploy mode, the float tensor otherwise)."""
         if not self.deployed:
             return tensor_bytes(self._parameters["weight"])
-        return tensors_bytes([self.qweight, self.weight_scale, self.weight_zero])
+        return tensors_bytes([self.qweight, self.weight_scale, self.weight_zero, self.weight_channel_scale])

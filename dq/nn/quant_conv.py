@@ -75,7 +75,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         """(output-channel slice, float weight operand [channels, in/groups*kh*kw], per-channel scale for the
         output or None), `rows` output channels at a time (0: all at once; dq.kernels.reference.weight_tiles)."""
         return weight_tiles(self.qweight, self.weight_scale, self.weight_zero, self.weight_quantizer.spec.format,
-                            self.weight_2d_shape[1], rows)
+                            self.weight_2d_shape[1], rows, self.weight_channel_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.deployed:

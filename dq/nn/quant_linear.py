@@ -68,6 +68,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             weight_format=self.weight_quantizer.spec.format,
             in_features=self.in_features,
             act_spec=act_spec,
+            channel_scale=self.weight_channel_scale,
         )
 
     def extra_repr(self) -> str:

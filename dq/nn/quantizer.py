@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dq.errors import DQError
-from dq.quant import PerChannel, PerGroup, PerTensor, QuantSpec, dynamic_range, fake_quantize, grid_ste, scales_from_range
+from dq.quant import PerChannel, PerGroup, PerTensor, Progressive, QuantSpec, dynamic_range, fake_quantize, grid_ste, scales_from_range
+from dq.quant.progressive import int8_weight, progressive_codes, progressive_scales
 from dq.quant.storage import expand_groups
 
 
@@ -16,13 +17,17 @@ def _scale_shape(spec: QuantSpec, out_features: int, in_features: int) -> tuple[
         return 1, 1
     if isinstance(g, PerChannel):
         return out_features, 1
-    if isinstance(g, PerGroup):
+    if isinstance(g, (PerGroup, Progressive)):
         return out_features, in_features // g.group_size
     raise DQError(f"weights cannot use granularity {g}; use tensor, channel or group.")
 
 
 class WeightQuantizer(nn.Module):
-    """Quantizes a weight flattened to [out, in]; scales are [rows, groups] buffers (min-max at init)."""
+    """Quantizes a weight flattened to [out, in]; scales are [rows, groups] buffers (min-max at init).
+
+    Progressive specs (QServe, dq.quant.progressive) also keep the per-channel scale s1 (`channel_scale`
+    [out, 1]); `scale` and `zero` then hold the integer group scales s2 and zeros z.
+    """
 
     def __init__(self, spec: QuantSpec, out_features: int, in_features: int) -> None:
         super().__init__()
@@ -31,15 +36,25 @@ class WeightQuantizer(nn.Module):
         shape = _scale_shape(spec, out_features, in_features)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero", None if spec.symmetric else torch.zeros(shape))
+        self.register_buffer("channel_scale", torch.ones(out_features, 1) if self.progressive else None)
         # Calibration switches: `bypass` passes the float weight through (the FP reference during
         # reconstruction); `rounding` (e.g. AdaRound) replaces nearest rounding in grid() and forward().
         # Neither is part of the state dict: deploy bakes the learned rounding into the packed codes.
         self.bypass = False
         self.rounding: object | None = None
 
+    @property
+    def progressive(self) -> bool:
+        return isinstance(self.spec.granularity, Progressive)
+
     @torch.no_grad()
     def init_minmax(self, w2d: torch.Tensor) -> None:
         """Round-to-nearest scales from the weight's min and max per group."""
+        if self.progressive:
+            s1, s2, z = progressive_scales(w2d, self.spec.granularity.group_size)
+            device = self.scale.device
+            self.channel_scale, self.scale, self.zero = s1.to(device), s2.to(device), z.to(device)
+            return
         lo, hi = dynamic_range(w2d.float(), self.spec)
         scale, zero = scales_from_range(lo, hi, self.spec)
         self.scale = scale.reshape(self.scale.shape).to(self.scale.device)
@@ -47,13 +62,17 @@ class WeightQuantizer(nn.Module):
             self.zero = zero.reshape(self.zero.shape).to(self.scale.device)
 
     def expanded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scale and zero point expanded to [out, in]."""
-        s = expand_groups(self.scale, self.out_features, self.in_features)
+        """Scale and zero point expanded to [out, in] (progressive: the effective scale s1 * s2)."""
+        scale = self.scale * self.channel_scale if self.progressive else self.scale
+        s = expand_groups(scale, self.out_features, self.in_features)
         z = None if self.zero is None else expand_groups(self.zero, self.out_features, self.in_features)
         return s, z
 
     def grid(self, w2d: torch.Tensor) -> torch.Tensor:
         """Grid values (codes) of the weight: nearest rounding, or the learned `rounding` when set."""
+        if self.progressive:
+            self._check_progressive()
+            return progressive_codes(w2d, self.channel_scale, self.scale, self.zero)
         s, z = self.expanded()
         if self.rounding is not None:
             return self.rounding.grid(w2d.float(), s, z, self.spec)
@@ -63,6 +82,9 @@ class WeightQuantizer(nn.Module):
     def forward(self, w2d: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return w2d
+        if self.progressive:
+            wq = (int8_weight(self.grid(w2d), self.scale, self.zero) * self.channel_scale).to(w2d.dtype)
+            return w2d + (wq - w2d).detach()  # straight-through
         s, z = self.expanded()
         if self.rounding is not None:
             q = self.rounding.quantize(w2d.float(), s, z, self.spec)
@@ -70,6 +92,11 @@ class WeightQuantizer(nn.Module):
         z = torch.zeros_like(s) if z is None else z
         q = grid_ste(w2d.float() / s + z, self.spec)
         return ((q - z) * s).to(w2d.dtype)
+
+
+    def _check_progressive(self) -> None:
+        if self.rounding is not None:
+            raise DQError("progressive weights round to nearest (QServe's two levels); learned rounding (AdaRound) does not apply.")
 
 
 class ActQuantizer(nn.Module):

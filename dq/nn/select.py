@@ -9,7 +9,7 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.nn.swap import FLOAT_LAYER_KIND, LayerPlan
-from dq.quant import PerGroup, PerToken, QuantSpec
+from dq.quant import PerGroup, PerToken, Progressive, QuantSpec
 
 # Kept in high precision by default: what the SVDQuant, Q-Diffusion and ViDiT-Q code keep. Globs over
 # full module names; bare names match only top-level modules (the model's own input/output layers).
@@ -49,7 +49,7 @@ class LayerSelection:
 def fits(spec: QuantSpec | None, in_features: int) -> bool:
     """Whether a layer with `in_features` inputs splits into the spec's groups."""
     g = None if spec is None else spec.granularity
-    if isinstance(g, (PerGroup, PerToken)) and getattr(g, "group_size", None):
+    if isinstance(g, (PerGroup, PerToken, Progressive)) and getattr(g, "group_size", None):
         return in_features % g.group_size == 0
     return True
 

@@ -19,7 +19,7 @@ from dq.nn.base import SCALE_DTYPE
 from dq.nn.quant_conv import QuantConv2d
 from dq.nn.quantizer import ActQuantizer, WeightQuantizer
 from dq.nn.swap import QUANT_LAYER_TYPES
-from dq.quant import QuantSpec
+from dq.quant import Progressive, QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
 from dq.sizes import tensors_bytes
 
@@ -42,6 +42,8 @@ class QuantSplitConv2d(QuantConv2d):
             raise DQError(f"a split-input conv needs groups=1, got groups={conv.groups}; do not split this layer.")
         if not 0 < split < conv.in_channels:
             raise DQError(f"split point {split} must lie strictly inside the {conv.in_channels} input channels.")
+        if isinstance(weight_spec.granularity, Progressive):
+            raise DQError("split-input convs take per-channel or per-group weights, not progressive groups; skip the split (split_shortcut: false).")
         self.split = int(split)
         super().__init__(conv, weight_spec, act_spec)
 

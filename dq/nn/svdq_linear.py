@@ -216,6 +216,7 @@ class SVDQLinear(QuantLinear):
             smooth=self.smooth,
             lora_down=down,
             lora_up=up,
+            channel_scale=self.weight_channel_scale,
         )
 
     def _simulate(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dq.quant.granularity import (
     PerGroup,
     PerTensor,
     PerToken,
+    Progressive,
     granularity_from_name,
     granularity_name,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "PerToken",
+    "Progressive",
     "QuantSpec",
     "cast",
     "dequantize",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from dq.errors import DQError
+from dq.quant.granularity import Progressive
+from dq.quant.progressive import progressive_fake_quantize
 from dq.quant.spec import QuantSpec, cast, dynamic_range, dynamic_scales, qrange, scales_are_absmax, scales_from_range
 
 
@@ -36,6 +38,10 @@ def fake_quantize(
     `out`, a float32 tensor of x's shape, receives the values when no gradient is needed.
     """
     shape, dtype = x.shape, x.dtype
+    if isinstance(spec.granularity, Progressive):
+        if scale is not None or torch.is_grad_enabled() and x.requires_grad:
+            raise DQError("progressive weights are fake-quantized from their own min-max scales and without gradient.")
+        return progressive_fake_quantize(x.reshape(x.shape[0], -1), spec.granularity.group_size).reshape(shape)
     g = spec.granularity.grouped(cast(x))
     dynamic = scale is None
     if dynamic:

@@ -60,11 +60,22 @@ class PerToken:
         return PerGroup(self.group_size).grouped(x)
 
 
-Granularity = PerTensor | PerChannel | PerGroup | PerToken
+@dataclass(frozen=True)
+class Progressive:
+    """Weights: QServe's progressive groups, per-channel INT8 then UINT4 groups of `group_size` with integer
+    scales and zeros (dq.quant.progressive); the group's view is PerGroup's."""
+
+    group_size: int
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return PerGroup(self.group_size).grouped(x)
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerToken | Progressive
 
 
 def granularity_from_name(name: str, group_size: int | None = None) -> Granularity:
-    """Build a granularity from its recipe name: tensor, channel, group (needs group_size), token."""
+    """Build a granularity from its recipe name: tensor, channel, group or progressive (need group_size), token."""
     if name == "tensor":
         return PerTensor()
     if name == "channel":
@@ -75,9 +86,13 @@ def granularity_from_name(name: str, group_size: int | None = None) -> Granulari
         return PerGroup(group_size)
     if name == "token":
         return PerToken(group_size)
-    raise DQError(f"unknown granularity {name!r}; allowed: tensor, channel, group, token.")
+    if name == "progressive":
+        if not group_size:
+            raise DQError("granularity 'progressive' needs a positive group_size in the recipe (QServe uses 128).")
+        return Progressive(group_size)
+    raise DQError(f"unknown granularity {name!r}; allowed: tensor, channel, group, progressive, token.")
 
 
 def granularity_name(g: Granularity) -> str:
     """Inverse of granularity_from_name (without the group size)."""
-    return {PerTensor: "tensor", PerChannel: "channel", PerGroup: "group", PerToken: "token"}[type(g)]
+    return {PerTensor: "tensor", PerChannel: "channel", PerGroup: "group", PerToken: "token", Progressive: "progressive"}[type(g)]

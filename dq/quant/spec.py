@@ -9,7 +9,7 @@ import torch
 
 from dq.errors import DQError
 from dq.quant.formats import NumberFormat, get_format
-from dq.quant.granularity import Granularity, PerTensor, PerToken, granularity_from_name, granularity_name
+from dq.quant.granularity import Granularity, PerTensor, PerToken, Progressive, granularity_from_name, granularity_name
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class QuantSpec:
 
     Args:
         format: a registered format name (int2..int8, uint2..uint8, fp8_e4m3, fp8_e5m2, fp4_e2m1).
-        granularity: PerTensor, PerChannel, PerGroup(g) or PerToken(g) (dynamic activations).
+        granularity: PerTensor, PerChannel, PerGroup(g), Progressive(g) (weights: QServe's two-level groups)
+            or PerToken(g) (dynamic activations).
         symmetric: zero point fixed at 0 (always true for float formats).
         scale_format: optionally quantize the scales themselves (e.g. "fp8_e4m3" for NVFP4-style scales).
     """
@@ -32,6 +33,8 @@ class QuantSpec:
         fmt = get_format(self.format)
         if not fmt.is_integer and not self.symmetric:
             raise DQError(f"format {self.format} is a float format: it supports symmetric quantization only.")
+        if isinstance(self.granularity, Progressive) and (self.format != "uint4" or self.symmetric or self.scale_format):
+            raise DQError("progressive groups are UINT4 with zero points: use format uint4, symmetric: false, no scale_format.")
 
     @property
     def fmt(self) -> NumberFormat:

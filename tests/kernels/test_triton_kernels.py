@@ -15,9 +15,11 @@ from dq.kernels.act_quant import FMT_FP8, FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8, F
 from dq.kernels.reference import quantized_linear_reference
 from dq.kernels.w4a4_gemm import w4_gemm, w4_linear
 from dq.kernels.w4a4_mma8 import mma8_mode, offset_operands, self_check, w4a4_mma8_gemm, w4a4_mma8_linear
+from dq.kernels.w4a8_progressive import w4a8_progressive_gemm, w4a8_progressive_linear
 from dq.kernels.w4a16_gemm import w4a16_linear
 from dq.kernels.w8a8_gemm import w8a8_linear
-from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, fake_quantize, pack_4bit, quantize, weight_scales
+from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, fake_quantize, pack_4bit, quantize, unpack_4bit, weight_scales
+from dq.quant.progressive import int8_weight, progressive_codes, progressive_scales
 from dq.quant.storage import encode_codes
 
 
@@ -50,6 +52,13 @@ def make_weight(N, K, spec, fmt):
     w = torch.randn(N, K)
     s, _ = weight_scales(w, spec)
     return encode_codes(quantize(w, spec, s).reshape(N, K), fmt), s.reshape(N, -1).half()
+
+
+def make_progressive_weight(N, K, group=64):
+    """(packed UINT4 codes, s2, z uint8 [N, K/G], s1 fp16 [N, 1]) of a random weight, as a deployed layer stores them."""
+    w = torch.randn(N, K) * (torch.rand(N, 1) + 0.1)
+    s1, s2, z = progressive_scales(w, group)
+    return encode_codes(progressive_codes(w, s1, s2, z), "uint4"), s2.to(torch.uint8), z.to(torch.uint8), s1.half()
 
 
 TINY = torch.finfo(torch.float32).tiny
@@ -142,7 +151,7 @@ CASES = [(1, 32, 64, 0), (37, 50, 192, 0), (37, 50, 192, 20), (16, 33, 128, 32)]
 
 
 # W4A16 is weight-only: it takes 16-bit activations, so it has no float32 case.
-KIND_DTYPES = [(k, d) for k in ("w4a4", "w4a8", "w4a16", "w8a8", "fp8") for d in (torch.float32, torch.bfloat16)
+KIND_DTYPES = [(k, d) for k in ("w4a4", "w4a8", "w4a8pg", "w4a16", "w8a8", "fp8") for d in (torch.float32, torch.bfloat16)
                if not (k == "w4a16" and d == torch.float32)]
 
 
@@ -151,7 +160,12 @@ KIND_DTYPES = [(k, d) for k in ("w4a4", "w4a8", "w4a16", "w8a8", "fp8") for d in
 def test_linear_matches_reference(kind, dtype, M, N, K, rank):
     torch.manual_seed(M * N + K + rank)
     x, b, sm, ld, lu = linear_inputs(M, N, K, rank, dtype)
-    if kind in ("w4a4", "w4a8", "w4a16"):
+    channel = None
+    if kind == "w4a8pg":
+        qw, sw, zero, channel = make_progressive_weight(N, K, 32 if K % 64 else 64)
+        y = w4a8_progressive_linear(x, qw, sw, zero, channel, b, sm, ld, lu)
+        wf, act = "uint4", QuantSpec("int8", PerToken())
+    elif kind in ("w4a4", "w4a8", "w4a16"):
         qw, sw = make_weight(N, K, QuantSpec("int4", PerGroup(64)), "int4")
         fn = {"w4a4": w4a4_linear, "w4a8": w4a8_linear, "w4a16": w4a16_linear}[kind]
         y = fn(x, qw, sw, b, 64, sm, ld, lu)
@@ -162,10 +176,41 @@ def test_linear_matches_reference(kind, dtype, M, N, K, rank):
         qw, sw = make_weight(N, K, QuantSpec(wf, PerChannel()), wf)
         y = w8a8_linear(x, qw, sw, b, sm, ld, lu)
         act = QuantSpec(wf, PerToken())
-    ref = quantized_linear_reference(x, qw, sw, None, b, weight_format=wf, in_features=K, act_spec=act,
-                                     smooth=sm, lora_down=ld, lora_up=lu, act_rounding="reciprocal")
+    ref = quantized_linear_reference(x, qw, sw, zero if channel is not None else None, b, weight_format=wf, in_features=K,
+                                     act_spec=act, smooth=sm, lora_down=ld, lora_up=lu, channel_scale=channel,
+                                     act_rounding="reciprocal")
     assert y.dtype == dtype and y.shape == (M, N)
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("tile", tuning.gpu_tiles("w4a8_progressive"))
+def test_w4a8_progressive_integer_sums_exact(tile):
+    """Unit activation and channel scales: the output is the exact integer sum of codes times (u - z) * s2,
+    over every tile the autotuner can pick, with the INT8 operand at its extremes (+-120)."""
+    torch.manual_seed(5)
+    M, N, K = 70, 150, 256
+    qw, s2, z, _ = make_progressive_weight(N, K)
+    qw[:2], s2[:2], z[:2] = 0xFF, 8, 0  # (15 - 0) * 8 = 120
+    qw[2:4], s2[2:4], z[2:4] = 0x00, 8, 15  # (0 - 15) * 8 = -120
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    a[:3] = -128
+    w8 = int8_weight(unpack_4bit(qw, False), s2, z)
+    assert 120 <= w8.abs().max() <= 127
+    y = w4a8_progressive_gemm(a, torch.ones(1, M), qw, s2, z, torch.ones(N, 1), None, None, None, torch.float32, tile=tuning.Tile(*tile))
+    assert torch.equal(y.double(), (a.double() @ w8.double().t()))
+
+
+def test_w4a8_progressive_bad_inputs_raise():
+    qw, s2, z, s1 = make_progressive_weight(8, 128)
+    a = torch.zeros(4, 128, dtype=torch.int8)
+    ones = torch.ones(1, 4)
+    with pytest.raises(DQError, match="uint8"):
+        w4a8_progressive_gemm(a, ones, qw, s2.half(), z, s1, None, None, None, torch.float32)
+    with pytest.raises(DQError, match="powers of two"):
+        small_s2, small_z = torch.ones(8, 8, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.uint8)  # groups of 16
+        w4a8_progressive_gemm(a, ones, qw, small_s2, small_z, s1, None, None, None, torch.float32)
+    with pytest.raises(DQError, match="int8"):
+        w4a8_progressive_gemm(a.float(), ones, qw, s2, z, s1, None, None, None, torch.float32)
 
 
 def test_bad_inputs_raise():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import dq
 from tiny_pipelines import FAMILIES, build, run
 
-RECIPES = ("w8a8", "w4a16", "w4a8", "w4a4")
+RECIPES = ("w8a8", "w4a16", "w4a8", "w4a4", "w4a8-progressive")
 
 RELOAD_SCRIPT = """
 import sys, torch, dq
