@@ -73,13 +73,21 @@ def _make_int4(N: int, K: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def _make_progressive(N: int, K: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random progressive-group weights as a layer stores them: packed UINT4, uint8 s2 and z, fp16 s1."""
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev)
+    s2 = torch.randint(1, 17, (N, K // GROUP), dtype=torch.uint8, device=dev)
+    z = torch.randint(0, 16, (N, K // GROUP), dtype=torch.uint8, device=dev)
+    return q, s2, z, (torch.rand(N, 1, device=dev) * 1e-3).half()
+
+
 def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     """ms per call of every method at one (M, N, K)."""
     from dq.kernels import ops  # noqa: F401
     from dq.kernels.act_quant import FMT_INT4, FMT_INT4_FP8, FMT_INT4_I8, FMT_INT8, quantize_activations
     from dq.kernels.w4a4_gemm import w4_gemm, w4_linear
     from dq.kernels.w4a4_mma8 import w4a4_mma8_gemm
-    from dq.kernels.w8a8_gemm import w8_gemm
+    from dq.kernels.w8a8_gemm import w8_gemm, w8a8_linear
 
     dev = torch.device("cuda")
     bf = torch.bfloat16
@@ -132,6 +140,16 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
 
         run("w4a4_unfused", [lambda q=q, s=s: unfused(q, s) for q, s in w4])
     run("w4a8", [lambda q=q, s=s: torch.ops.dq.w4_linear(x, q, s, bias, None, None, None, GROUP, 8) for q, s in w4])
+    if {"w4a8_pg", "w4a8_pg_lr", "w4a8_pg_gemm"} & methods:
+        from dq.kernels.w4a8_progressive import w4a8_progressive_gemm
+
+        pg = [_make_progressive(N, K, dev) for _ in range(n4)]
+        run("w4a8_pg", [lambda w=w: torch.ops.dq.w4a8_progressive_linear(x, *w, bias, None, None, None) for w in pg])
+        run("w4a8_pg_lr", [lambda w=w: torch.ops.dq.w4a8_progressive_linear(x, *w, bias, smooth, ld, lu) for w in pg])
+        qa8, sa8, _ = quantize_activations(x, FMT_INT8, None)
+        run("w4a8_pg_gemm", [lambda w=w: w4a8_progressive_gemm(qa8, sa8, *w, bias, None, None, bf) for w in pg])
+        run("act_quant_i8", [lambda: quantize_activations(x, FMT_INT8, None)])
+        del pg
     if M <= 1024:
         run("w4a16", [lambda q=q, s=s: torch.ops.dq.w4a16_linear(x, q, s, bias, None, None, None, GROUP) for q, s in w4])
     del w4
@@ -151,12 +169,15 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
         sb = torch.ones(1, N, device=dev)
         run("scaled_mm_fp8", [lambda w=w: torch._scaled_mm(xf, w.t(), scale_a=sa, scale_b=sb, out_dtype=bf) for w in wf])
         run("w8a8_fp8", [lambda w=w: torch.ops.dq.w8a8_linear(x, w, sw8, bias, None, None, None) for w in wf])
+        for backend in ("triton", "scaled_mm"):
+            run(f"w8a8_fp8_{backend}", [lambda w=w, b=backend: w8a8_linear(x, w, sw8, bias, backend=b) for w in wf])
         del wf
     return out
 
 
 METHODS = ["bf16", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "w4a4_gemm_i8",
            "w4a4_gemm_noasm", "act_quant_lr", "w4a4_old_lr", "w4a4_old", "w4a4_old_gemm", "w4a8",
+           "w4a8_pg", "w4a8_pg_lr", "w4a8_pg_gemm", "act_quant_i8", "w8a8_fp8_triton", "w8a8_fp8_scaled_mm",
            "w8a8", "w8a8_gemm", "w8a8_fp8", "w4a16"]
 
 
@@ -187,6 +208,8 @@ RATIOS = [  # (header, numerator, denominator): time ratios, so "vs bf16" column
     ("lr overhead", "w4a4_lr", "w4a4"), ("unfused overhead", "w4a4_unfused", "w4a4"),
     ("w4a4_old_gemm / w4a4_gemm", "w4a4_old_gemm", "w4a4_gemm"), ("w4a4_old / w4a4", "w4a4_old", "w4a4"), ("w8a8_gemm/int_mm", "w8a8_gemm", "int_mm"),
     ("w4a16 vs bf16", "bf16", "w4a16"),
+    ("w4a8_pg_lr vs bf16", "bf16", "w4a8_pg_lr"), ("w4a8_pg vs bf16", "bf16", "w4a8_pg"), ("pg lr overhead", "w4a8_pg_lr", "w4a8_pg"),
+    ("w8a8_fp8 vs bf16", "bf16", "w8a8_fp8"),
 ]
 
 
@@ -225,7 +248,8 @@ def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES, device:
     """GPU kernels vs the torch reference on odd shapes, activations rounded by the kernels' reciprocal rule
     (check_codes bounds where that differs from the reference's division); returns failure messages."""
     from dq.kernels.reference import quantized_linear_reference
-    from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, quantize, weight_scales
+    from dq.quant import PerChannel, PerGroup, PerToken, Progressive, QuantSpec, quantize, weight_scales
+    from dq.quant.progressive import progressive_codes, progressive_scales
     from dq.quant.storage import encode_codes
 
     torch.manual_seed(0)
@@ -247,7 +271,20 @@ def check_correctness(shapes: list[tuple[int, int, int]] = CHECK_SHAPES, device:
                 ("int4", QuantSpec("int4", PerGroup(64)), None, "w4a16"),
                 ("int8", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()), "w8a8"),
                 ("fp8_e4m3", QuantSpec("fp8_e4m3", PerChannel()), QuantSpec("fp8_e4m3", PerToken()), "fp8"),
+                ("uint4", QuantSpec("uint4", Progressive(64), symmetric=False), QuantSpec("int8", PerToken()), "w4a8_pg"),
             ]:
+                if op == "w4a8_pg":
+                    s1, s2, z = progressive_scales(w, 64)
+                    qw = encode_codes(progressive_codes(w, s1, s2, z), wf)
+                    s2, z, s1 = s2.to(torch.uint8), z.to(torch.uint8), s1.half()
+                    y = torch.ops.dq.w4a8_progressive_linear(x, qw, s2, z, s1, b, sm, ld, lu)
+                    ref = quantized_linear_reference(x, qw, s2, z, b, weight_format=wf, in_features=K, act_spec=aspec, smooth=sm,
+                                                     lora_down=ld, lora_up=lu, channel_scale=s1, act_rounding="reciprocal")
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                    cases.append(f"{op}:{err:.1e}")
+                    if not (err < 5e-3 and bool(torch.isfinite(y).all())):
+                        fails.append(f"{op} M={M} N={N} K={K} rank={rank}: rel err {err:.3e}")
+                    continue
                 s, _ = weight_scales(w, wspec)
                 qw = encode_codes(quantize(w, wspec, s).reshape(N, K), wf)
                 sw = s.reshape(N, -1).half()
@@ -505,6 +542,44 @@ def sass_report(out: str, measured: str | None) -> int:
     return 0
 
 
+TUNE_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072)]  # FLUX: attention, ff in/out, single qkv+mlp
+TUNE_M = {"skinny": 16, "small": 256, "medium": 2048, "large": 8192}
+
+
+def tune(out_dir: str) -> dict:
+    """Time each choice of dq.kernels.tuned per shape class on this GPU (FLUX layer shapes, whole layers with
+    their activation quantization) and write the table `<out_dir>/<gpu>.json`; returns it."""
+    import triton
+
+    from dq.kernels import tuned
+    from dq.kernels.w8a8_gemm import w8a8_linear
+
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    measured: dict[str, dict[str, float]] = {}
+    choices: dict[str, dict[str, str]] = {"w8a8_fp8": {}}
+    for cls, M in TUNE_M.items():
+        totals = dict.fromkeys(tuned.CHOICES["w8a8_fp8"], 0.0)
+        for N, K in TUNE_SHAPES:
+            x = torch.randn(M, K, device=dev, dtype=bf)
+            bias = torch.randn(N, device=dev, dtype=bf)
+            wf = [torch.randn(N, K, device=dev).to(torch.float8_e4m3fn) for _ in range(_copies(N * K + M * K))]
+            sw = (torch.rand(N, 1, device=dev) * 0.01).half()
+            for backend in totals:
+                ms = _graph_time([lambda w=w: w8a8_linear(x, w, sw, bias, backend=backend) for w in wf], 16)
+                totals[backend] += ms
+                measured[f"w8a8_fp8/{backend}/M={M}/N={N}/K={K}"] = ms * 1e3
+        choices["w8a8_fp8"][cls] = min(totals, key=totals.get)
+        print(f"tune w8a8_fp8 {cls} (M={M}): " + ", ".join(f"{b} {t * 1e3:.0f} us" for b, t in totals.items()), flush=True)
+    name = torch.cuda.get_device_name()
+    result = {"gpu": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
+              "choices": choices, "measured_us": measured}
+    path = Path(out_dir) / f"{tuned.gpu_slug(name)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark dq's quantized linear kernels against torch baselines.")
     p.add_argument("--models", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
@@ -520,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(after autotuning) for `ncu --profile-from-start off`, and exit")
     p.add_argument("--sass", action="store_true", help="no GPU needed: compile the W4A4 kernels for sm_90 and write "
                    "the static SASS model (loop instruction counts, issue- and MMA-bound times) to --out")
+    p.add_argument("--tune", default="", help="DIR: measure the kernel choices of dq.kernels.tuned on this GPU, write "
+                   "DIR/<gpu>.json (commit it to dq/kernels/tuned/) and exit")
     args = p.parse_args(argv)
     if args.sass:
         return sass_report(args.out, str(Path(__file__).parent / "results" / "kernels_h200.json"))
@@ -528,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile:
         return profile_w4a4(*(int(v) for v in args.profile.split(",")))
+    if args.tune:
+        tune(args.tune)
+        return 0
     info = env_info()
     print(json.dumps(info), flush=True)
     shapes = [tuple(int(v) for v in t.split(",")) for t in args.check_shapes.split(";")] if args.check_shapes else CHECK_SHAPES

@@ -14,9 +14,12 @@ Recipes (dynamic activations, RTN weights; what matters here is speed and bytes,
     w4a8     INT4 group-64 weights, INT8 per-token activations
     w4a4     INT4 group-64 weights and activations (per-token groups of 64)
     w4a4_lr  w4a4 plus a rank-32 low-rank branch and smoothing per layer (SVDQuant's deployed form)
+    w8a8_fp8 FP8 e4m3 per-channel weights, FP8 per-token activations (sm89+)
+    w4a8_pg  UINT4 progressive-group weights (QServe, g64), INT8 per-token activations: one INT8 K loop
+    w4a8_pg_lr  w4a8_pg plus smoothing and the rank-32 branch (svdquant-w4a8-progressive's deployed form)
 Linears inside the transformer blocks are quantized; adaLN modulation linears (one token) use W4A16
-in the 4-bit recipes (as Nunchaku does) and INT8 weights in w8a8; embedders and the output projection
-stay bf16.
+in the 4-bit recipes (as Nunchaku does) and 8-bit weights in w8a8 / w8a8_fp8; embedders and the output
+projection stay bf16.
 """
 
 from __future__ import annotations
@@ -85,26 +88,26 @@ def build(model: str, dev: torch.device, dtype: torch.dtype, tiny: bool):
 def quantize(model: nn.Module, recipe: str) -> None:
     """Swap and deploy the recipe's layers in place (see the module docstring)."""
     from dq.nn import LayerPlan, deploy_all, swap_layers
-    from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec
+    from dq.quant import PerChannel, PerGroup, PerToken, Progressive, QuantSpec
 
     if recipe == "bf16":
         return
     w4 = QuantSpec("int4", PerGroup(64))
-    main = {"w8a8": (QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
-            "w4a16": (w4, None), "w4a8": (w4, QuantSpec("int8", PerToken())),
+    a8, pg = QuantSpec("int8", PerToken()), QuantSpec("uint4", Progressive(64), symmetric=False)
+    fp8 = (QuantSpec("fp8_e4m3", PerChannel()), QuantSpec("fp8_e4m3", PerToken()))
+    main = {"w8a8": (QuantSpec("int8", PerChannel()), a8), "w8a8_fp8": fp8,
+            "w4a16": (w4, None), "w4a8": (w4, a8), "w4a8_pg": (pg, a8), "w4a8_pg_lr": (pg, a8),
             "w4a4": (w4, QuantSpec("int4", PerToken(64))), "w4a4_lr": (w4, QuantSpec("int4", PerToken(64)))}[recipe]
-    mod = (QuantSpec("int8", PerChannel()), None) if recipe == "w8a8" else (w4, None)
+    mod = {"w8a8": (QuantSpec("int8", PerChannel()), a8), "w8a8_fp8": fp8}.get(recipe, (w4, None))
     plans = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, nn.Linear) or "transformer_blocks" not in name:
             continue
         w, a = mod if ".norm" in name else main
-        if recipe == "w8a8" and a is None:
-            a = QuantSpec("int8", PerToken())
         plans[name] = LayerPlan("linear", w, a)
     swap_layers(model, plans)
     deploy_all(model)
-    if recipe == "w4a4_lr":
+    if recipe in ("w4a4_lr", "w4a8_pg_lr"):
         for name in plans:
             layer = model.get_submodule(name)
             if ".norm" not in name:
@@ -118,8 +121,9 @@ class _LowRankQuantLinear(nn.Module):
         from dq.kernels import quantized_linear
 
         return quantized_linear(x, self.qweight, self.weight_scale, self.weight_zero, self.bias,
-                                weight_format="int4", in_features=self.in_features, act_spec=self.act_quantizer.spec,
-                                smooth=self.smooth, lora_down=self.lora_down, lora_up=self.lora_up)
+                                weight_format=self.weight_quantizer.spec.format, in_features=self.in_features,
+                                act_spec=self.act_quantizer.spec, smooth=self.smooth, lora_down=self.lora_down,
+                                lora_up=self.lora_up, channel_scale=self.weight_channel_scale)
 
 
 def _add_lowrank(layer: nn.Module, rank: int) -> None:

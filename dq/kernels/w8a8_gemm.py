@@ -3,6 +3,10 @@
 One integer (or FP8) dot over all of K with INT32 (FP32) accumulation, then the epilogue applies the
 token and channel scales, adds the low-rank branch and the bias, and casts. Weights stay in dq's
 stored layout [N, K], which is K-major as the 8-bit MMA wants.
+
+FP8 layers may instead run the GEMM through `torch._scaled_mm` (cuBLAS FP8 with rowwise scales, sm90+) after
+the same fused quantizer: which one is chosen per GPU and shape class by dq.kernels.tuned (a measured table,
+else its stated heuristic).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import triton.language as tl
 from dq.errors import DQError
 from dq.kernels.act_quant import FMT_FP8, FMT_INT8, quantize_activations, rank_pad
 from dq.kernels.epilogue import LowRankOperands, lowrank_bias_epilogue, tile_coords, tile_grid
+from dq.kernels.tuned import choose
 from dq.kernels.tuning import Tile, block_k, launch, m_key
+
+BACKENDS = ("triton", "scaled_mm")
 
 
 @triton.jit
@@ -94,6 +101,38 @@ def w8_gemm(
     return c
 
 
+def scaled_mm_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_act: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The FP8 GEMM of w8_gemm through torch._scaled_mm: the library applies the token and channel scales and
+    the bias; the low-rank up-projection of the summed fp32 partials is added after, in out_dtype."""
+    M, K = a.shape
+    N = qweight.shape[0]
+    if a.dtype != torch.float8_e4m3fn or qweight.dtype != a.dtype or qweight.shape[1] != K:
+        raise DQError(f"torch._scaled_mm takes e4m3 codes [M, K] and weights [N, {K}], got {a.dtype} and {qweight.dtype} {tuple(qweight.shape)}.")
+    lr = LowRankOperands.of(lora_act, lora_up, N)
+    y = torch._scaled_mm(a, qweight.t(), scale_a=a_scale.reshape(M, 1), scale_b=weight_scale.float().reshape(1, N),
+                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    if lr.rank:
+        y = y.addmm_(lr.act.sum(0).to(out_dtype), lr.up.to(out_dtype).t())
+    return y
+
+
+def fp8_backend(x: torch.Tensor, n: int) -> str:
+    """Where an FP8 layer's GEMM runs for input x [M, K]: "scaled_mm" where cuBLAS takes it (sm90+, N and K
+    multiples of 16) and dq.kernels.tuned chooses it, else "triton"."""
+    k = x.shape[1]
+    takes = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and k % 16 == 0 and n % 16 == 0
+    return choose("w8a8_fp8", torch.cuda.get_device_name(x.device), x.shape[0]) if takes else "triton"
+
+
 def w8a8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -103,10 +142,18 @@ def w8a8_linear(
     lora_down: torch.Tensor | None = None,
     lora_up: torch.Tensor | None = None,
     tile: Tile | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """y = Q8(x/s) deq(W)^T (+ low-rank + b) for a 2-D x; INT8 or FP8 by the weight's dtype."""
+    """y = Q8(x/s) deq(W)^T (+ low-rank + b) for a 2-D x; INT8 or FP8 by the weight's dtype.
+
+    backend (FP8 only): "triton" or "scaled_mm" instead of fp8_backend's choice.
+    """
     if lora_down is not None and lora_down.shape[0] == 0:
         lora_down = lora_up = None
     fmt = FMT_INT8 if qweight.dtype == torch.int8 else FMT_FP8
+    if backend is not None and (backend not in BACKENDS or fmt != FMT_FP8):
+        raise DQError(f"backend {backend!r}: FP8 layers take one of {BACKENDS}; INT8 layers run the Triton kernel.")
     q, qs, lora_act = quantize_activations(x, fmt, None, smooth, lora_down)
+    if fmt == FMT_FP8 and (backend or fp8_backend(x, qweight.shape[0])) == "scaled_mm":
+        return scaled_mm_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype)
     return w8_gemm(q, qs, qweight, weight_scale, bias, lora_act, lora_up, x.dtype, tile)

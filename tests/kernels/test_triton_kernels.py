@@ -213,6 +213,39 @@ def test_w4a8_progressive_bad_inputs_raise():
         w4a8_progressive_gemm(a.float(), ones, qw, s2, z, s1, None, None, None, torch.float32)
 
 
+@pytest.mark.parametrize("rank", [0, 20])
+def test_fp8_through_scaled_mm_matches_reference(rank):
+    """The FP8 layer with its GEMM in torch._scaled_mm (the CPU build here, cuBLAS on a GPU) after the fused
+    quantizer: within the bf16 tolerance of the reference, as the Triton GEMM."""
+    torch.manual_seed(rank)
+    M, N, K = 37, 48, 192
+    x, b, sm, ld, lu = linear_inputs(M, N, K, rank)
+    qw, sw = make_weight(N, K, QuantSpec("fp8_e4m3", PerChannel()), "fp8_e4m3")
+    ref = quantized_linear_reference(x, qw, sw, None, b, weight_format="fp8_e4m3", in_features=K, act_spec=QuantSpec("fp8_e4m3", PerToken()),
+                                     smooth=sm, lora_down=ld, lora_up=lu, act_rounding="reciprocal")
+    for backend in ("scaled_mm", "triton"):
+        y = w8a8_linear(x, qw, sw, b, sm, ld, lu, backend=backend)
+        assert y.dtype == torch.bfloat16 and rel(y, ref) < 4e-3, backend
+    with pytest.raises(DQError, match="backend"):
+        w8a8_linear(x, qw, sw, b, backend="cublas")
+
+
+def test_tuned_tables_decide_and_the_heuristic_fills_in(tmp_path, monkeypatch):
+    from dq.kernels import tuned
+
+    assert [tuned.shape_class(m) for m in (1, 16, 17, 512, 4096, 4097)] == ["skinny", "skinny", "small", "small", "medium", "large"]
+    assert tuned.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    tuned.table.cache_clear()
+    (tmp_path / "nvidia-h200.json").write_text('{"gpu": "NVIDIA H200", "choices": {"w8a8_fp8": {"large": "triton"}}}')
+    try:
+        assert tuned.choose("w8a8_fp8", "NVIDIA H200", 8192) == "triton"  # measured
+        assert tuned.choose("w8a8_fp8", "NVIDIA H200", 1024) == "scaled_mm"  # not measured: the heuristic
+        assert tuned.choose("w8a8_fp8", "NVIDIA L40S", 8) == "triton" and tuned.choose("w8a8_fp8", "NVIDIA L40S", 8192) == "scaled_mm"
+    finally:
+        tuned.table.cache_clear()
+
+
 def test_bad_inputs_raise():
     qw, sw = make_weight(8, 128, QuantSpec("int4", PerGroup(64)), "int4")
     with pytest.raises(DQError):
