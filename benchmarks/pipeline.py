@@ -123,7 +123,7 @@ class _LowRankQuantLinear(nn.Module):
         return quantized_linear(x, self.qweight, self.weight_scale, self.weight_zero, self.bias,
                                 weight_format=self.weight_quantizer.spec.format, in_features=self.in_features,
                                 act_spec=self.act_quantizer.spec, smooth=self.smooth, lora_down=self.lora_down,
-                                lora_up=self.lora_up, channel_scale=self.weight_channel_scale)
+                                lora_up=self.lora_up, channel_scale=self.weight_channel_scale, scheme=self.kernel_scheme)
 
 
 def _add_lowrank(layer: nn.Module, rank: int) -> None:

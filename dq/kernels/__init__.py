@@ -4,7 +4,8 @@ Importing this package registers the custom ops torch.ops.dq.{w4_linear, w8a8_li
 """
 
 from dq.kernels import ops as _ops  # noqa: F401  (registers the custom ops)
-from dq.kernels.dispatch import CUDA_KERNELS, quantized_linear, register_cuda_kernel
+from dq.kernels.dispatch import LAUNCHERS, quantized_linear
 from dq.kernels.reference import quantized_linear_reference
+from dq.kernels.scheme import KernelScheme, kernel_scheme
 
-__all__ = ["CUDA_KERNELS", "quantized_linear", "quantized_linear_reference", "register_cuda_kernel"]
+__all__ = ["KernelScheme", "LAUNCHERS", "kernel_scheme", "quantized_linear", "quantized_linear_reference"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dq.kernels import quantized_linear
+from dq.kernels import kernel_scheme, quantized_linear
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec
 
@@ -69,7 +69,26 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             in_features=self.in_features,
             act_spec=act_spec,
             channel_scale=self.weight_channel_scale,
+            scheme=self.kernel_scheme,
         )
+
+    # -- deploy ---------------------------------------------------------------------------------------
+    def deploy(self) -> None:
+        super().deploy()
+        self._decide_kernel()
+
+    def allocate_deployed(self, device: torch.device | str = "cpu") -> None:
+        super().allocate_deployed(device)
+        self._decide_kernel()
+
+    def kernel_act_spec(self) -> QuantSpec | None:
+        """The activation spec the kernel sees: None when a static quantizer quantizes the input before it."""
+        return None if self.act_quantizer.static else self.act_quantizer.spec
+
+    def _decide_kernel(self) -> None:
+        """Fix the layer's kernel scheme (dq.kernels.scheme) from its stored tensors: once, when deployed or allocated."""
+        self.kernel_scheme = kernel_scheme(self.weight_quantizer.spec.format, self.qweight, self.weight_scale, self.weight_zero,
+                                           self.weight_channel_scale, self.in_features, self.kernel_act_spec())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"

@@ -217,6 +217,7 @@ class SVDQLinear(QuantLinear):
             lora_down=down,
             lora_up=up,
             channel_scale=self.weight_channel_scale,
+            scheme=self.kernel_scheme,
         )
 
     def _simulate(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -234,6 +235,9 @@ class SVDQLinear(QuantLinear):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     # -- deploy ---------------------------------------------------------------------------------------
+    def kernel_act_spec(self) -> QuantSpec | None:
+        return self.act_quantizer.spec  # the kernel quantizes the smoothed input itself
+
     def deploy(self) -> None:
         super().deploy()
         self._invalidate()
