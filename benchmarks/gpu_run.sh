@@ -9,8 +9,9 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1
 mkdir -p /tmp/site && tar xzf .whl/diffusers-0.42.1-py.tar.gz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+ls .whl/torchao-*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/torchao-*.whl   # the peers (optional)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv | tee $OUT/gpu.txt
-RECIPES=${PIPE_RECIPES:-bf16,w8a8,w8a8_fp8,w4a8_pg,w4a8_pg_lr,w4a4_lr}
+RECIPES=${PIPE_RECIPES:-bf16,w8a8_fp8,w4a8_pg,w4a8_pg_lr,w4a4_lr,torchao_fp8}
 timeout 80 python3 benchmarks/kernels.py --tune $OUT/tuned 2>&1 | tee $OUT/tune_log.txt   # commit $OUT/tuned/*.json to dq/kernels/tuned/
 timeout ${KTIME:-140} python3 benchmarks/kernels.py --quick --out $OUT/kernels_h200 "$@" 2>&1 | tee $OUT/kernels_log.txt
 timeout ${PTIME:-180} python3 benchmarks/pipeline.py flux --recipes $RECIPES --out $OUT/pipeline_flux 2>&1 | tee $OUT/pipeline_log.txt

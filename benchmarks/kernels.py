@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py's torchao peers
 
 SHAPES: dict[str, list[tuple[str, int, int]]] = {  # (layer, N=out, K=in)
     "flux": [("qkv/proj 3072", 3072, 3072), ("ff_in/proj_mlp", 12288, 3072), ("ff_out", 3072, 12288),
@@ -81,6 +83,24 @@ def _make_progressive(N: int, K: int, dev) -> tuple[torch.Tensor, torch.Tensor, 
     return q, s2, z, (torch.rand(N, 1, device=dev) * 1e-3).half()
 
 
+def _torchao_layers(peer: str, weights: list[torch.Tensor], bias: torch.Tensor) -> list[nn.Module]:
+    """nn.Linear copies of `weights` quantized by torchao's `peer` config (pipeline.torchao_quantize); [] without torchao."""
+    from pipeline import torchao_quantize
+
+    layers = []
+    for w in weights:
+        layer = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+        layer.weight.data, layer.bias.data = w.clone(), bias.clone()
+        holder = nn.ModuleDict({"transformer_blocks": nn.ModuleList([layer])})  # torchao_quantize's filter
+        try:
+            torchao_quantize(holder, peer)
+        except SystemExit as e:
+            print(f"  {peer}: {e}", file=sys.stderr)
+            return []
+        layers.append(holder["transformer_blocks"][0])
+    return layers
+
+
 def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     """ms per call of every method at one (M, N, K)."""
     from dq.kernels import ops  # noqa: F401
@@ -112,6 +132,11 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
 
     ws = [torch.randn(N, K, device=dev, dtype=bf) for _ in range(n16)]
     run("bf16", [lambda w=w: F.linear(x, w, bias) for w in ws])
+    for peer in ("torchao_fp8", "torchao_int8"):
+        if peer in methods:
+            layers = _torchao_layers(peer, ws[:n8], bias)
+            if layers:
+                run(peer, [lambda m=m: m(x) for m in layers])
     del ws
     w4 = [_make_int4(N, K, dev) for _ in range(n4)]
     # W4A4: the dispatcher's path (byte-code kernel, FP8 or INT8 MMA as its self-check picks), and the
@@ -175,7 +200,7 @@ def bench_shape(M: int, N: int, K: int, methods: set[str]) -> dict[str, float]:
     return out
 
 
-METHODS = ["bf16", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "w4a4_gemm_i8",
+METHODS = ["bf16", "torchao_fp8", "torchao_int8", "int_mm", "scaled_mm_fp8", "w4a4_lr", "w4a4", "w4a4_unfused", "w4a4_gemm", "w4a4_gemm_i8",
            "w4a4_gemm_noasm", "act_quant_lr", "w4a4_old_lr", "w4a4_old", "w4a4_old_gemm", "w4a8",
            "w4a8_pg", "w4a8_pg_lr", "w4a8_pg_gemm", "act_quant_i8", "w8a8_fp8_triton", "w8a8_fp8_scaled_mm",
            "w8a8", "w8a8_gemm", "w8a8_fp8", "w4a16"]
@@ -209,7 +234,8 @@ RATIOS = [  # (header, numerator, denominator): time ratios, so "vs bf16" column
     ("w4a4_old_gemm / w4a4_gemm", "w4a4_old_gemm", "w4a4_gemm"), ("w4a4_old / w4a4", "w4a4_old", "w4a4"), ("w8a8_gemm/int_mm", "w8a8_gemm", "int_mm"),
     ("w4a16 vs bf16", "bf16", "w4a16"),
     ("w4a8_pg_lr vs bf16", "bf16", "w4a8_pg_lr"), ("w4a8_pg vs bf16", "bf16", "w4a8_pg"), ("pg lr overhead", "w4a8_pg_lr", "w4a8_pg"),
-    ("w8a8_fp8 vs bf16", "bf16", "w8a8_fp8"),
+    ("w8a8_fp8 vs bf16", "bf16", "w8a8_fp8"), ("torchao_fp8 vs bf16", "bf16", "torchao_fp8"),
+    ("w8a8_fp8 / torchao_fp8", "torchao_fp8", "w8a8_fp8"),
 ]
 
 

@@ -17,6 +17,12 @@ Recipes (dynamic activations, RTN weights; what matters here is speed and bytes,
     w8a8_fp8 FP8 e4m3 per-channel weights, FP8 per-token activations (sm89+)
     w4a8_pg  UINT4 progressive-group weights (QServe, g64), INT8 per-token activations: one INT8 K loop
     w4a8_pg_lr  w4a8_pg plus smoothing and the rank-32 branch (svdquant-w4a8-progressive's deployed form)
+Peers, the same denoiser quantized by torchao (`pip install torchao`, an optional benchmark dependency:
+`pip install -e .[bench]`), its linears inside the transformer blocks:
+    torchao_fp8  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) (FP8 rowwise, sm89+)
+    torchao_int8 Int8DynamicActivationInt8WeightConfig()
+With --compile every recipe's denoiser is torch.compile'd (dq's kernels are custom ops: one opaque node each),
+so "bf16 --compile" is compiled BF16; without it every recipe runs eager, and both are CUDA-graphed alike.
 Linears inside the transformer blocks are quantized; adaLN modulation linears (one token) use W4A16
 in the 4-bit recipes (as Nunchaku does) and 8-bit weights in w8a8 / w8a8_fp8; embedders and the output
 projection stay bf16.
@@ -85,6 +91,17 @@ def build(model: str, dev: torch.device, dtype: torch.dtype, tiny: bool):
     return m.eval().requires_grad_(False), inputs
 
 
+def torchao_quantize(model: nn.Module, recipe: str) -> None:
+    """The torchao peer `recipe` applied to the linears inside the transformer blocks, in place."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise SystemExit(f"recipe {recipe} needs torchao: pip install -e .[bench] ({e})") from None
+    config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if recipe == "torchao_fp8"
+              else Int8DynamicActivationInt8WeightConfig())
+    quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and "transformer_blocks" in name)
+
+
 def quantize(model: nn.Module, recipe: str) -> None:
     """Swap and deploy the recipe's layers in place (see the module docstring)."""
     from dq.nn import LayerPlan, deploy_all, swap_layers
@@ -92,6 +109,8 @@ def quantize(model: nn.Module, recipe: str) -> None:
 
     if recipe == "bf16":
         return
+    if recipe.startswith("torchao_"):
+        return torchao_quantize(model, recipe)
     w4 = QuantSpec("int4", PerGroup(64))
     a8, pg = QuantSpec("int8", PerToken()), QuantSpec("uint4", Progressive(64), symmetric=False)
     fp8 = (QuantSpec("fp8_e4m3", PerChannel()), QuantSpec("fp8_e4m3", PerToken()))
@@ -180,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (autotuning happens here)")
     p.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA graph replays")
     p.add_argument("--tiny", action="store_true", help="tiny config (smoke test, also on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every recipe's denoiser (compiled BF16 for bf16)")
     p.add_argument("--out", default=None, help="output path without extension (default benchmarks/results/pipeline_MODEL)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         bf16_bytes = module_bytes(model)
         quantize(model, recipe)
         wb = module_bytes(model)
+        if args.compile:
+            model = torch.compile(model, fullgraph=False)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -219,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     base = next((r["step_ms"] for r in results if r["recipe"] == "bf16"), None)
     lines = [f"# dq pipeline benchmark: {args.model} denoiser, 1024x1024, batch 1"
-             + (f" on {torch.cuda.get_device_name()}" if cuda else " (tiny, CPU)"), "",
+             + (f" on {torch.cuda.get_device_name()}" if cuda else " (tiny, CPU)") + (", every recipe torch.compile'd" if args.compile else ""), "",
              "| recipe | ms/step (graph) | eager ms/step | speedup vs bf16 | weights GiB | weights vs bf16 | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -231,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not args.tiny:
         import triton
 
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "compiled": args.compile, "date": time.strftime("%Y-%m-%d")}
         out = Path(args.out or Path(__file__).parent / "results" / f"pipeline_{args.model}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"env": env, "model": args.model, "results": results}, indent=1))
