@@ -102,7 +102,7 @@ class Calibrator(ABC, Generic[C]):
     def calibrate_prelude(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], data: CalibData) -> None:
         """Set the planned prelude layers' quantizers (`layers`, swapped); the denoiser's layers outside the
         prelude may be unmaterialized (meta)."""
-        raise NotImplementedError(f"{type(self).__name__} has no prelude layers")
+        raise DQError(f"{type(self).__name__} has no prelude layers to calibrate (its prelude_layers is empty).")
 
     def block_calibrator(self) -> Calibrator:
         """The calibrator of one block, or of the glue, once the prelude is calibrated; default: this one."""
