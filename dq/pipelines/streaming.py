@@ -49,7 +49,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SHARD_BYTES = 256 * 2**20
 WORK_SUFFIX = ".dq-partial"
-WORK_VERSION = 1
+WORK_VERSION = 2  # the layout of a work directory (2: one outputs-<stream> directory per block-output stream)
 
 
 @dataclass
