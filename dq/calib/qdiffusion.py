@@ -188,7 +188,7 @@ def _unit_loss(module: nn.Module, batch: Captured, device: torch.device, grouped
 
 
 def reconstruct_weights(
-    denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig, exclude: set[str] = frozenset()
+    denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig
 ) -> dict[str, float]:
     """AdaRound every reconstruction unit in forward order; returns unit -> (final loss / nearest loss)."""
     units = recon_units(denoiser, layers)
@@ -201,7 +201,6 @@ def reconstruct_weights(
     device = next(denoiser.parameters()).device
     for name in tqdm(order, desc="dq: AdaRound reconstruction", leave=False):
         module, members = units[name]
-        members = [n for n in members if n not in exclude]
         if not members or opts.iters == 0:
             continue
         _check_layers(layers, members)
