@@ -7,7 +7,7 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.nn.quantizer import ActQuantizer, WeightQuantizer
-from dq.quant import Progressive, QuantSpec
+from dq.quant import QuantSpec
 from dq.quant.storage import dequantize_stored, encode_codes, storage_shape_dtype
 from dq.sizes import tensor_bytes, tensors_bytes
 
@@ -17,9 +17,9 @@ SCALE_DTYPE = torch.float16
 PROGRESSIVE_GROUP_DTYPE = torch.uint8
 
 
-def group_param_dtype(spec: QuantSpec) -> torch.dtype:
+def group_param_dtype(quantizer: WeightQuantizer) -> torch.dtype:
     """The stored dtype of a deployed weight's [rows, groups] scales and zero points."""
-    return PROGRESSIVE_GROUP_DTYPE if isinstance(spec.granularity, Progressive) else SCALE_DTYPE
+    return PROGRESSIVE_GROUP_DTYPE if quantizer.progressive else SCALE_DTYPE
 
 
 class QuantLayerMixin:
@@ -108,7 +108,7 @@ class QuantLayerMixin:
         del self._parameters["weight"]
         self.register_buffer("qweight", encode_codes(grid, self.weight_quantizer.spec.format))
         wq = self.weight_quantizer
-        dtype = group_param_dtype(wq.spec)
+        dtype = group_param_dtype(wq)
         self.register_buffer("weight_scale", wq.scale.to(dtype))
         self.register_buffer("weight_zero", None if wq.zero is None else wq.zero.to(dtype))
         self.register_buffer("weight_channel_scale", None if wq.channel_scale is None else wq.channel_scale.to(SCALE_DTYPE))
@@ -122,7 +122,7 @@ class QuantLayerMixin:
         shape, dtype = storage_shape_dtype(wq.spec.format, out_f, in_f)
         del self._parameters["weight"]
         self.register_buffer("qweight", torch.empty(shape, dtype=dtype, device=device))
-        group_dtype = group_param_dtype(wq.spec)
+        group_dtype = group_param_dtype(wq)
         self.register_buffer("weight_scale", torch.empty(tuple(wq.scale.shape), dtype=group_dtype, device=device))
         zero = None if wq.zero is None else torch.empty(tuple(wq.zero.shape), dtype=group_dtype, device=device)
         self.register_buffer("weight_zero", zero)
