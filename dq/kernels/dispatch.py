@@ -1,4 +1,5 @@
 """One dispatcher: CUDA tensors run the Triton kernel of the layer's kernel scheme, everything else the torch reference.
+(Deployed layers on the CPU call dq.kernels.cpu_linear first, which computes the reference's values in C.)
 
 A deployed layer decides its KernelScheme once (dq.kernels.scheme) and passes it with every call. Here only
 what depends on the call is checked: 16-bit activations, and FP8 tensor cores for the FP8 kernel. A layer no

@@ -6,15 +6,15 @@ Q is the activation quantizer (dynamic, per token and optionally per group); deq
 stored weight. Everything runs in FP32, in one of two forms:
 
 * float GEMM (every CPU without fast 8-bit dot products, every format): the packed codes are expanded
-  to FP32 in a reused buffer (one layer at a time; the stored weight stays packed), and one FP32 GEMM
-  runs. A scale that is constant along K (per-output-channel weight scales, per-token activation
-  scales) is applied to the GEMM's output instead of its operand, so a W8A8 layer multiplies integer
-  codes; group scales are applied to the operand (codes times 16-bit scales are exact in FP32; a
-  fake-quantized activation q * s carries one rounding, relative 2^-24).
-  The GEMM accumulates in FP32 rather than exactly: integer codes sum exactly while every partial sum
-  stays below 2^24 (always for INT8 x INT8 with K <= 1032); beyond that, and for scaled operands, the
-  error against exact accumulation is at most gamma_K * sum_k |a_k b_k|, gamma_K = K u / (1 - K u),
-  u = 2^-24, in any summation order (tests/kernels/test_cpu_path.py checks both).
+  to the FP32 weight deq(W) in a reused buffer (one layer at a time; the stored weight stays packed), the
+  input is fake-quantized to Q(x) = q * s, and one FP32 GEMM with the bias runs (F.linear: one call).
+  Codes times 16-bit scales are exact in FP32 (at most 8 + 11 significant bits), so deq(W) is exact; a
+  fake-quantized activation q * s carries one rounding, relative u = 2^-24. The GEMM accumulates in FP32
+  rather than exactly: against exact arithmetic on those operands the error is at most
+  gamma_K * sum_k |a_k b_k|, gamma_K = K u / (1 - K u), in any summation order
+  (tests/kernels/test_cpu_path.py checks it, and the agreement with the integer form below).
+  On the CPU the element-wise passes (smoothing and quantizing the input, unpacking the weight) run in dq's
+  C kernels (dq.kernels.cpu_kernels), one call each, with the same values as the torch ops here.
 * integer GEMM (INT8 per-token activations x INT8 per-channel weights, on CUDA fallbacks and on CPUs
   where dq.kernels.cpu_gemm says torch._int_mm is fast): exact INT32 accumulation, then both scales.
 
@@ -30,11 +30,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from dq.kernels import cpu_kernels
 from dq.kernels.cpu_gemm import int8_gemm_is_fast
 from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, fake_quantize
+from dq.quant.formats import get_format
 from dq.quant.packing import Allocator, new_tensor
 from dq.quant.spec import qrange
-from dq.quant.storage import decode_codes, dequantize_stored
+from dq.quant.storage import dequantize_stored
 from dq.sizes import tensors_bytes
 
 _scratch = threading.local()
@@ -59,7 +61,7 @@ def _integer_gemm_pays(x: torch.Tensor, int_gemm: bool | None) -> bool:
     return int8_gemm_is_fast() if int_gemm is None else int_gemm
 
 
-def _reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """This thread's buffer `name`, grown to the largest request so far (an Allocator of dq.quant.packing).
 
     A deployed CPU layer unpacks its weight and quantizes its input on every call; a fresh multi-megabyte
@@ -99,7 +101,7 @@ def release_scratch() -> None:
 def buffer_allocator(device: torch.device) -> Allocator:
     """Reused buffers on CPU without autograd (a reused tensor kept for backward would be overwritten
     by the next layer), fresh tensors otherwise (the CUDA caching allocator makes those cheap)."""
-    return _reused_buffer if device.type == "cpu" and not torch.is_grad_enabled() else new_tensor
+    return reused_buffer if device.type == "cpu" and not torch.is_grad_enabled() else new_tensor
 
 
 def weight_operand(
@@ -110,21 +112,20 @@ def weight_operand(
     in_features: int,
     alloc: Allocator | None = None,
     channel_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(FP32 [out, in] GEMM operand, per-output-channel scale [out] to apply to the GEMM output, or None).
+) -> torch.Tensor:
+    """The dequantized FP32 weight [out, in] the float GEMM multiplies: (codes - zero) * scale, times the
+    per-channel scale s1 of progressive weights (`channel_scale`, dq.quant.progressive). Exact in FP32.
 
-    Symmetric per-channel weights give their grid values and the scale apart; progressive weights (with
-    `channel_scale`, dq.quant.progressive) their INT8 operand (u - z) * s2 and s1 apart; others the
-    dequantized weight. With the default allocator (buffer_allocator) a CPU operand is a reused buffer: use
-    it before the next call.
+    With the default allocator (buffer_allocator) a CPU operand is a reused buffer: use it before the next call.
     """
     alloc = alloc or buffer_allocator(qweight.device)
-    if channel_scale is not None:
-        return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), cast(channel_scale).view(-1)
-    if weight_zero is None and weight_scale.shape == (qweight.shape[0], 1):
-        codes = decode_codes(qweight, weight_format, alloc)
-        return codes if codes.shape[1] == in_features else codes[:, :in_features], cast(weight_scale).view(-1)
-    return dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc), None
+    if cpu_kernels.takes_weight(weight_format, weight_scale, channel_scale) and cpu_kernels.takes(qweight):
+        fmt = get_format(weight_format)
+        out = alloc("decode_codes.grid", (qweight.shape[0], in_features), torch.float32, qweight.device)
+        cpu_kernels.decode_weight(qweight, fmt.bits, fmt.signed, in_features, out, weight_scale, weight_zero, channel_scale)
+        return out
+    w = dequantize_stored(qweight, weight_scale, weight_zero, weight_format, in_features, alloc)
+    return w if channel_scale is None else w.mul_(cast(channel_scale))
 
 
 # Weight tiles on CPU. A layer with a small input (a deep UNet level, a DiT at a small resolution) is bound
@@ -151,7 +152,7 @@ def weight_tiles(
     in_features: int,
     rows: int,
     channel_scale: torch.Tensor | None = None,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+) -> Iterator[tuple[slice, torch.Tensor]]:
     """(output-channel slice, its weight_operand) for `rows` output channels at a time (0: all at once).
 
     The operands share reused buffers on CPU: use each tile before asking for the next.
@@ -161,7 +162,7 @@ def weight_tiles(
     for start in range(0, n, rows or n):
         sl = slice(start, min(n, start + (rows or n)))
         scale, zero, channel = (t if t is None or t.shape[0] == 1 else t[sl] for t in (weight_scale, weight_zero, channel_scale))
-        yield (sl, *weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc, channel))
+        yield sl, weight_operand(qweight[sl], scale, zero, weight_format, in_features, alloc, channel)
 
 
 def reciprocal_fake_quantize(x2: torch.Tensor, act_spec: QuantSpec) -> torch.Tensor:
@@ -179,21 +180,16 @@ def reciprocal_fake_quantize(x2: torch.Tensor, act_spec: QuantSpec) -> torch.Ten
     return (codes * scale).reshape(x2.shape)
 
 
-def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator,
-                rounding: str = "division") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(FP32 [M, K] GEMM operand, per-token scale [M, 1] to apply to the GEMM output, or None).
+def act_operand(x2: torch.Tensor, act_spec: QuantSpec | None, alloc: Allocator, rounding: str = "division") -> torch.Tensor:
+    """The FP32 [M, K] GEMM operand Q(x2): fake-quantized (q * s), or x2 itself without an activation spec.
 
     rounding: "division" (the reference, and every CPU layer) or "reciprocal" (reciprocal_fake_quantize)."""
     if act_spec is None:
-        return x2, None
+        return x2
     if rounding == "reciprocal":
-        return reciprocal_fake_quantize(x2, act_spec), None
+        return reciprocal_fake_quantize(x2, act_spec)
     needs_grad = torch.is_grad_enabled() and x2.requires_grad
-    out = None if needs_grad else alloc("act_operand", tuple(x2.shape), torch.float32, x2.device)
-    one_scale_per_row = act_spec.symmetric and act_spec.granularity == PerToken(None) and act_spec.scale_format is None
-    if one_scale_per_row and not needs_grad:
-        return dynamic_codes(x2, act_spec, out)
-    return fake_quantize(x2, act_spec, out=out), None
+    return fake_quantize(x2, act_spec, out=None if needs_grad else alloc("act_operand", tuple(x2.shape), torch.float32, x2.device))
 
 
 def quantized_linear_reference(
@@ -227,25 +223,55 @@ def quantized_linear_reference(
     lead = x.shape[:-1]
     alloc = buffer_allocator(x.device)
     x2 = x.reshape(-1, in_features)
-    if smooth is not None:  # in the activations' dtype, as the kernels smooth
-        s = cast(smooth, x2.dtype)
-        x2 = x2 / s if torch.is_grad_enabled() else torch.div(x2, s, out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
-    x2 = cast(x2)
     b = None if bias is None else cast(bias)
-    if act_rounding == "division" and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm):
-        codes, row_scale = dynamic_codes(x2, act_spec)
-        y = _scale_output(torch._int_mm(codes.to(torch.int8), qweight.t().contiguous()).float(), row_scale, weight_scale.float().reshape(-1), b)
+    branch = lora_down is not None and lora_down.shape[0] > 0
+    integer = act_rounding == "division" and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec) and _integer_gemm_pays(x2, int_gemm)
+    fused = None if integer or act_rounding != "division" else _fused_input(x2, act_spec, smooth, alloc, branch)
+    if fused is not None:
+        x2, xa = fused
     else:
-        xa, row_scale = act_operand(x2, act_spec, alloc, act_rounding)
-        y = _float_gemm(xa, row_scale, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows, channel_scale)
-    if lora_down is not None and lora_down.shape[0] > 0:
+        if smooth is not None:  # in the activations' dtype, as the kernels smooth
+            s = cast(smooth, x2.dtype)
+            x2 = x2 / s if torch.is_grad_enabled() else torch.div(x2, s, out=alloc("smoothed", tuple(x2.shape), x2.dtype, x2.device))
+        x2 = cast(x2)
+        if integer:
+            codes, row_scale = dynamic_codes(x2, act_spec)
+            y = torch._int_mm(codes.to(torch.int8), qweight.t().contiguous()).float().mul_(row_scale).mul_(weight_scale.float().reshape(-1))
+            return _add_branch(y if b is None else y.add_(b), x2, lora_down, lora_up, branch, x.dtype, lead)
+        xa = act_operand(x2, act_spec, alloc, act_rounding)
+    y = _float_gemm(xa, b, qweight, weight_scale, weight_zero, weight_format, in_features, tile_rows, channel_scale)
+    return _add_branch(y, x2, lora_down, lora_up, branch, x.dtype, lead)
+
+
+def _fused_input(
+    x2: torch.Tensor, act_spec: QuantSpec | None, smooth: torch.Tensor | None, alloc: Allocator, keep_smoothed: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x2 / smooth, Q(x2 / smooth)) from one call of dq's CPU kernels, or None where they do not take this
+    input (not FP32 on the CPU, autograd, an activation spec they do not take). The same values as the
+    smoothing division and act_operand, bit for bit; the smoothed input is kept only for a low-rank branch."""
+    if act_spec is None or x2.dtype != torch.float32 or x2.stride(-1) != 1 or not cpu_kernels.takes(x2, smooth):
+        return None
+    params = cpu_kernels.row_quantization(act_spec)
+    if params is None:
+        return None
+    m, k = x2.shape
+    smooth = None if smooth is None else cast(smooth).contiguous()
+    smoothed = alloc("smoothed", (m, k), torch.float32, x2.device) if smooth is not None and keep_smoothed else None
+    out = alloc("act_operand", (m, k), torch.float32, x2.device)
+    cpu_kernels.quantize_rows(x2, *params, out, smooth, smoothed)
+    return (x2 if smooth is None else smoothed), out
+
+
+def _add_branch(y: torch.Tensor, x2: torch.Tensor, lora_down: torch.Tensor | None, lora_up: torch.Tensor | None,
+                branch: bool, dtype: torch.dtype, lead: torch.Size) -> torch.Tensor:
+    """y + (x2 L_down^T) L_up^T when the layer has a low-rank branch, cast to `dtype` and shaped [*lead, N]."""
+    if branch:
         y = y.addmm_(x2 @ cast(lora_down).t(), cast(lora_up).t())
-    return cast(y, x.dtype).reshape(*lead, -1)
+    return cast(y, dtype).reshape(*lead, -1)
 
 
 def _float_gemm(
     xa: torch.Tensor,
-    row_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -255,27 +281,16 @@ def _float_gemm(
     tile_rows: int | None,
     channel_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """(xa @ operand^T) * row_scale * per-channel scale + bias, with the whole weight or in weight tiles."""
+    """xa @ deq(W)^T + bias, with the whole weight or in weight tiles."""
     n = qweight.shape[0]
     tiled = xa.device.type == "cpu" and not torch.is_grad_enabled()
     rows = tile_rows if tile_rows is not None else weight_tile_rows(xa.numel() * 4, n, in_features) if tiled else 0
     if not rows:
-        w, col_scale = weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features, channel_scale=channel_scale)
-        if row_scale is None and col_scale is None:
-            return F.linear(xa, w, bias)
-        return _scale_output(F.linear(xa, w), row_scale, col_scale, bias)
+        return F.linear(xa, weight_operand(qweight, weight_scale, weight_zero, weight_format, in_features, channel_scale=channel_scale), bias)
     y_t = xa.new_empty(n, xa.shape[0])  # rows of y^T are the tiles' outputs: contiguous writes
-    for sl, w, col_scale in weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, rows, channel_scale):
-        torch.mm(w, xa.t(), out=y_t[sl])
-        if col_scale is not None:
-            y_t[sl].mul_(col_scale.unsqueeze(1))
-    return _scale_output(y_t.t(), row_scale, None, bias)
-
-
-def _scale_output(y: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """y * row_scale * col_scale + bias, in place on the GEMM output (a fresh tensor)."""
-    if row_scale is not None:
-        y = y.mul_(row_scale)
-    if col_scale is not None:
-        y = y.mul_(col_scale)
-    return y if bias is None else y.add_(bias)
+    for sl, w in weight_tiles(qweight, weight_scale, weight_zero, weight_format, in_features, rows, channel_scale):
+        if bias is None:
+            torch.mm(w, xa.t(), out=y_t[sl])
+        else:
+            torch.addmm(bias[sl].unsqueeze(1), w, xa.t(), out=y_t[sl])
+    return y_t.t()

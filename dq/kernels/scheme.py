@@ -1,4 +1,5 @@
-"""The kernel scheme of a deployed layer: which GPU kernel computes it, decided once, when it is deployed.
+"""The kernel scheme of a deployed layer: which GPU kernel computes it (and how the CPU kernels do), decided
+once, when it is deployed.
 
 A layer's stored format (weight codes and scales, activation spec) fixes which Triton kernel can compute it
 and with which static arguments. `kernel_scheme` makes that decision from the stored tensors alone; a deployed
@@ -9,10 +10,11 @@ activations' dtype (the kernels take 16-bit inputs) and the device's FP8 support
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from dq.kernels.cpu_kernels import CpuPlan, cpu_plan
 from dq.quant import PerToken, QuantSpec
 
 KERNELS = ("w4a4", "w4a8", "w4a8_progressive", "w4a16", "w8a8", "fp8")
@@ -23,11 +25,13 @@ SMALLEST_PROGRESSIVE_GROUP = 32  # one INT8 MMA step (dq.kernels.w4a8_progressiv
 @dataclass(frozen=True)
 class KernelScheme:
     """kernel: one of KERNELS, or None (the torch reference runs, for `reason`); group_size: the weights' K group
-    (and the INT4 activations'), where the kernel takes one."""
+    (and the INT4 activations'), where the kernel takes one; cpu: what dq's C kernels need on the CPU, or None
+    where they do not take the layer (dq.kernels.cpu_linear)."""
 
     kernel: str | None
     group_size: int | None = None
     reason: str | None = None
+    cpu: CpuPlan | None = field(default=None, compare=False)
 
 
 def _none(reason: str) -> KernelScheme:
@@ -58,8 +62,22 @@ def kernel_scheme(
     in_features: int,
     act_spec: QuantSpec | None,
 ) -> KernelScheme:
-    """The kernel that computes a deployed layer with these stored tensors and activation spec (None: weight-only,
+    """The kernels that compute a deployed layer with these stored tensors and activation spec (None: weight-only,
     or activations already quantized by a static quantizer)."""
+    gpu = _gpu_kernel(weight_format, qweight, weight_scale, weight_zero, channel_scale, in_features, act_spec)
+    return replace(gpu, cpu=cpu_plan(weight_format, weight_scale, channel_scale, in_features, act_spec))
+
+
+def _gpu_kernel(
+    weight_format: str,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor | None,
+    channel_scale: torch.Tensor | None,
+    in_features: int,
+    act_spec: QuantSpec | None,
+) -> KernelScheme:
+    """The Triton kernel of kernel_scheme, or why none takes the layer."""
     act = act_spec
     if weight_format == "uint4" and channel_scale is not None:  # progressive groups
         g = _weight_group(weight_scale, in_features, qweight.shape[1], SMALLEST_PROGRESSIVE_GROUP)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dq.kernels import kernel_scheme, quantized_linear
+from dq.kernels.cpu_linear import cpu_linear
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec
 
@@ -55,21 +56,25 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.deployed:
             return F.linear(self.act_quantizer(x), self.fake_quantized_weight(), self.bias)
-        act_spec = self.act_quantizer.spec
         if self.act_quantizer.static:
             # Calibrated (static, possibly per-timestep) scales live in the quantizer, not the kernel.
-            x, act_spec = self.act_quantizer(x), None
+            x = self.act_quantizer(x)
+        return self.deployed_linear(x, self.bias)
+
+    def deployed_linear(self, x: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None,
+                        lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None) -> torch.Tensor:
+        """The deployed layer's kernel call on x (already quantized by a static quantizer): dq's C kernels on the
+        CPU where the scheme has a CPU plan (dq.kernels.cpu_linear), else dq.kernels.quantized_linear."""
+        b, scheme = self._buffers, self.kernel_scheme  # buffers read once: module attribute lookups cost microseconds
+        qweight, scale, zero, channel = b["qweight"], b["weight_scale"], b["weight_zero"], b["weight_channel_scale"]
+        if scheme.cpu is not None and not x.is_cuda:
+            y = cpu_linear(x, qweight, scale, zero, channel, bias, smooth, lora_down, lora_up, scheme.cpu, self.in_features)
+            if y is not None:
+                return y
         return quantized_linear(
-            x,
-            self.qweight,
-            self.weight_scale,
-            self.weight_zero,
-            self.bias,
-            weight_format=self.weight_quantizer.spec.format,
-            in_features=self.in_features,
-            act_spec=act_spec,
-            channel_scale=self.weight_channel_scale,
-            scheme=self.kernel_scheme,
+            x, qweight, scale, zero, bias, weight_format=self.weight_quantizer.spec.format, in_features=self.in_features,
+            act_spec=self.kernel_act_spec(), smooth=smooth, lora_down=lora_down, lora_up=lora_up, channel_scale=channel,
+            scheme=scheme,
         )
 
     # -- deploy ---------------------------------------------------------------------------------------

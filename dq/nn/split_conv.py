@@ -136,9 +136,9 @@ class QuantSplitConv2d(QuantConv2d):
             halves.append(w2d.reshape(self.out_channels, -1, kh, kw))
         return torch.cat(halves, dim=1).to(self.weight_dtype)
 
-    def deployed_weight_tiles(self, rows: int) -> Iterator[tuple[slice, torch.Tensor, None]]:
+    def deployed_weight_tiles(self, rows: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """One tile: the two halves' weights dequantized and joined along the input channels."""
-        yield slice(None), self.dequantized_weight().reshape(self.weight_2d_shape), None
+        yield slice(None), self.dequantized_weight().reshape(self.weight_2d_shape)
 
     def weight_nbytes(self) -> int:
         if not self.deployed:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dq.errors import DQError
-from dq.kernels import quantized_linear
 from dq.nn.quant_linear import QuantLinear
 from dq.nn.swap import QUANT_LAYER_TYPES
 from dq.quant import QuantSpec
@@ -204,21 +203,7 @@ class SVDQLinear(QuantLinear):
         if self.act_shift:
             x = x + self.act_shift * self.smooth.to(x.dtype)
             bias = self._shifted_bias(None, down, up)
-        return quantized_linear(
-            x,
-            self.qweight,
-            self.weight_scale,
-            self.weight_zero,
-            bias,
-            weight_format=self.weight_quantizer.spec.format,
-            in_features=self.in_features,
-            act_spec=self.act_quantizer.spec,
-            smooth=self.smooth,
-            lora_down=down,
-            lora_up=up,
-            channel_scale=self.weight_channel_scale,
-            scheme=self.kernel_scheme,
-        )
+        return self.deployed_linear(x, bias, self.smooth, down, up)
 
     def _simulate(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fake-quantized forward, the same math as the deployed kernel (fp32 accumulation)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dq.kernels import cpu_gemm
+from dq.kernels import cpu_gemm, cpu_kernels
 from dq.kernels.reference import quantized_linear_reference, release_scratch, scratch_bytes, weight_operand
 from dq.nn import LayerPlan, deploy_all, swap_layers
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec, dynamic_codes, fake_quantize, pack_4bit, quantize, unpack_4bit, weight_scales
@@ -32,19 +32,15 @@ def int8_layer(N, K, seed=0):
     return packed_weight(N, K, QuantSpec("int8", PerChannel()), seed)
 
 
-@pytest.mark.parametrize("K", [256, 1024])
-def test_int8_codes_accumulate_exactly_up_to_2_pow_24(K):
-    """|partial sums| <= K * 127 * 128 < 2^24 for K <= 1032: the FP32 GEMM of integer codes is exact."""
-    qw, sw = int8_layer(64, K)
-    x = torch.randn(32, K) * 3
-    spec = QuantSpec("int8", PerToken())
-    codes, _ = dynamic_codes(x, spec)
+@pytest.mark.parametrize("spec", [QuantSpec("int8", PerChannel()), QuantSpec("int4", PerGroup(64))])
+def test_weight_operand_is_the_exact_dequantized_weight(spec):
+    """Codes times 16-bit scales need at most 8 + 11 significant bits: the FP32 operand is exact."""
+    qw, sw = packed_weight(64, 256, spec)
     with torch.no_grad():
-        w, out_scale = weight_operand(qw, sw, None, "int8", K)
-        acc = codes @ w.t()
-    exact = (codes.long() @ qw.long().t()).float()
-    assert torch.equal(acc, exact)
-    assert torch.equal(out_scale, sw.float().reshape(-1))
+        w = weight_operand(qw, sw, None, spec.format, 256)
+    grid = dequantize_stored(qw, torch.ones_like(sw), None, spec.format, 256).double()
+    exact = grid * sw.double().repeat_interleave(256 // sw.shape[1], dim=1)
+    assert torch.equal(w.double(), exact)
 
 
 @pytest.mark.parametrize("weight,act", [
@@ -75,7 +71,8 @@ def test_integer_and_float_gemm_agree():
     y_float = quantized_linear_reference(x, qw, sw, None, None, int_gemm=False, **kw)
     codes, xs = dynamic_codes(x, kw["act_spec"])
     mag = (codes.abs() @ qw.float().abs().t()) * xs * sw.float().reshape(1, -1)
-    assert ((y_int - y_float).abs() <= gamma(2048 + 3) * mag + 1e-30).all()
+    # the float path also rounds each fake-quantized activation q * s once (relative u)
+    assert ((y_int - y_float).abs() <= gamma(2048 + 4) * mag + 1e-30).all()
 
 
 def test_unpack_4bit_matches_the_nibble_definition():
@@ -103,13 +100,15 @@ def test_reused_buffers_give_the_fresh_result_and_stay_bounded():
     with torch.no_grad():
         y = model(x)
         for layer in model:
-            w, _ = weight_operand(layer.qweight, layer.weight_scale, None, "int4", layer.in_features)
+            w = weight_operand(layer.qweight, layer.weight_scale, None, "int4", layer.in_features)
             fresh = dequantize_stored(layer.qweight, layer.weight_scale, None, "int4", layer.in_features)
             assert torch.equal(w, fresh)
     assert torch.equal(y, y_grad.detach())
     assert all(torch.equal(layer.qweight, p) for layer, p in zip(model, packed_before))
-    # The largest weight's FP32 operand, INT8 codes and 16-bit unpacking lanes, and the largest FP32 input.
-    assert scratch_bytes() == 512 * 256 * (4 + 1 + 1) + 8 * 512 * 4
+    # The largest weight's FP32 operand and the largest FP32 input; unpacking in torch ops adds INT8 codes and
+    # 16-bit lanes per packed weight (the C kernels unpack in registers).
+    unpacking = 0 if cpu_kernels.library() is not None else 512 * 256 * (1 + 1)
+    assert scratch_bytes() == 512 * 256 * 4 + unpacking + 8 * 512 * 4
 
 
 def test_gradients_flow_through_a_deployed_layer():

@@ -1,0 +1,63 @@
+"""A deployed linear layer on the CPU in two calls: dq's C kernels prepare both operands, one FP32 GEMM multiplies.
+
+The values are those of dq.kernels.reference (bit for bit): the input smoothed and fake-quantized, the weight
+dequantized into a reused buffer, F.linear with the bias, then the low-rank branch. What is saved is the
+dispatch: the reference's 10-25 torch ops and Python layers per call cost more than the GEMM itself on a small
+model (tests/kernels/test_cpu_kernels.py checks the equality; benchmarks/cpu_layers.py times it). Calls the
+C kernels do not take return None, and the caller runs the reference: autograd (LoRA training), 16-bit
+inputs, layers whose weight is streamed in tiles (dq.kernels.reference.weight_tile_rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dq.kernels import cpu_kernels
+from dq.kernels.reference import reused_buffer, weight_tile_rows
+from dq.quant import cast
+
+
+def cpu_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor | None,
+    channel_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    plan: cpu_kernels.CpuPlan,
+    in_features: int,
+) -> torch.Tensor | None:
+    """y = Q(x / smooth) deq(W)^T + b + ((x / smooth) L_down^T) L_up^T for an FP32 CPU input, or None (see above)."""
+    if torch.is_grad_enabled() or x.dtype != torch.float32:
+        return None
+    lib = cpu_kernels.library()
+    if lib is None:
+        return None
+    x2 = x.reshape(-1, in_features)
+    m, n, k = x2.shape[0], qweight.shape[0], in_features
+    if x2.stride(-1) != 1 or weight_tile_rows(m * k * 4, n, k):
+        return None
+    cpu = x2.device
+    branch = lora_down is not None and lora_down.shape[0] > 0
+    quantized = plan.act_qmax > 0
+    if smooth is not None:
+        smooth = cast(smooth).contiguous()
+    xa = reused_buffer("act_operand", (m, k), torch.float32, cpu) if quantized or smooth is not None else x2
+    smoothed = reused_buffer("smoothed", (m, k), torch.float32, cpu) if quantized and smooth is not None and branch else None
+    w = reused_buffer("decode_codes.grid", (n, k), torch.float32, cpu)
+    lib.dq_linear_operands(
+        x2.data_ptr(), m, k, x2.stride(0), None if smooth is None else smooth.data_ptr(),
+        None if smoothed is None else smoothed.data_ptr(), plan.act_group, plan.act_qmax, xa.data_ptr(),
+        qweight.data_ptr(), n, qweight.stride(0), plan.bits, plan.signed, weight_scale.data_ptr(),
+        None if weight_zero is None else weight_zero.data_ptr(), plan.scale_dtype, weight_scale.shape[0],
+        weight_scale.shape[1], None if channel_scale is None else channel_scale.data_ptr(), w.data_ptr(),
+    )
+    y = F.linear(xa, w, None if bias is None else cast(bias))
+    if branch:
+        xs = x2 if smooth is None else smoothed if quantized else xa
+        y = y.addmm_(xs @ cast(lora_down).t(), cast(lora_up).t())
+    return y.reshape(*x.shape[:-1], n)
