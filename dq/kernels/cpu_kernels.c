@@ -6,8 +6,8 @@
  * divides, round half to even, no fused multiply-add. So results are bit-identical, and only the number of
  * passes over memory and of dispatches changes (one call instead of 4-10 torch ops).
  *
- * Shapes are row-major; `ld*` is a row stride in elements. Scale tensors come with a dtype code:
- * 0 float32, 1 float16, 2 uint8.
+ * Shapes are row-major; `ld*` is a row stride in elements. Scales and other small tensors come with a dtype code:
+ * 0 float32, 1 float16, 2 uint8, 3 bfloat16 (each converts to float32 exactly).
  */
 
 #include <float.h>
@@ -25,7 +25,7 @@ typedef int64_t i64;
  * parallel GEMMs leaves torch's other threads idle and costs more than its own time. */
 #define PARALLEL_MIN 16384
 
-enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_U8 = 2 };
+enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_U8 = 2, DTYPE_BF16 = 3 };
 
 /* IEEE half -> float, exact (normals, subnormals, zeros, inf and NaN). */
 static float half_to_float(uint16_t h) {
@@ -48,10 +48,21 @@ static float half_to_float(uint16_t h) {
 
 static float load_scale(const void *p, int dtype, i64 i) {
     switch (dtype) {
-    case SCALE_F16: return half_to_float(((const uint16_t *)p)[i]);
-    case SCALE_U8: return (float)((const uint8_t *)p)[i];
+    case DTYPE_F16: return half_to_float(((const uint16_t *)p)[i]);
+    case DTYPE_U8: return (float)((const uint8_t *)p)[i];
+    case DTYPE_BF16: {
+        uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
     default: return ((const float *)p)[i];
     }
+}
+
+/* dst [n] = src [n] of dtype code `dtype`, as float32 (exact). */
+static void to_float(const void *src, int dtype, i64 n, float *dst) {
+    for (i64 i = 0; i < n; ++i) dst[i] = load_scale(src, dtype, i);
 }
 
 /* The absmax scale of n values, as dq.quant.spec.dynamic_scales: max(amax / qmax, smallest normal).
@@ -180,11 +191,23 @@ void dq_decode_weight(const void *q, i64 n, i64 k, i64 ldq, int bits, int is_sig
     }
 }
 
-/* A deployed linear layer's two operands in one call: x [m, k] smoothed and fake-quantized into xa (when
- * qmax > 0; only smoothed otherwise, and left alone without smooth), the weight dequantized into w [n, k]. */
-void dq_linear_operands(const float *x, i64 m, i64 k, i64 ldx, const float *smooth, float *smoothed, i64 group,
-                        float qmax, float *xa, const void *q, i64 n, i64 ldq, int bits, int is_signed, const void *scale,
-                        const void *zero, int scale_dtype, i64 scale_rows, i64 groups, const uint16_t *channel, float *w) {
+/* A deployed linear layer's operands in one call (dq.kernels.cpu_linear).
+ *
+ * x [m, k] smoothed and fake-quantized into xa (when qmax > 0; only smoothed otherwise, left alone without smooth),
+ * the weight dequantized into w [n, k]. Tensors of 16-bit dtypes are converted to float32 first, as the torch path
+ * casts them: smooth_src [k] into smooth (else smooth is the float32 vector itself, or NULL), and the low-rank
+ * factors down_src [rank, k] and up_src [n, rank] into down and up (when down_src is not NULL).
+ */
+void dq_linear_operands(const float *x, i64 m, i64 k, i64 ldx, const void *smooth_src, int smooth_dtype, float *smooth,
+                        float *smoothed, i64 group, float qmax, float *xa, const void *q, i64 n, i64 ldq, int bits,
+                        int is_signed, const void *scale, const void *zero, int scale_dtype, i64 scale_rows, i64 groups,
+                        const uint16_t *channel, float *w, const void *down_src, const void *up_src, int branch_dtype,
+                        i64 rank, float *down, float *up) {
+    if (smooth_src != NULL) to_float(smooth_src, smooth_dtype, k, smooth);
+    if (down_src != NULL) {
+        to_float(down_src, branch_dtype, rank * k, down);
+        to_float(up_src, branch_dtype, n * rank, up);
+    }
     if (qmax > 0) {
         dq_quantize_rows(x, m, k, ldx, smooth, smoothed, group, qmax, xa);
     } else if (smooth != NULL) {

@@ -39,15 +39,16 @@ ENV_VAR = "DQ_CPU_KERNELS"
 # No contraction into fused multiply-adds and no fast-math: the C code must round as torch's ops round.
 # -fopenmp: the parallel loops share torch's OpenMP runtime (same soname, libgomp.so.1, already loaded by torch).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
-SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2, torch.bfloat16: 3}  # as cpu_kernels.c reads them
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "dq_quantize_rows": (_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _f32, _ptr),
     "dq_quantize_channels": (_ptr, _i64, _i64, _i64, _i64, _f32, _ptr),
     "dq_decode_weight": (_ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr),
-    "dq_linear_operands": (_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _f32, _ptr,
-                           _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr),
+    "dq_linear_operands": (_ptr, _i64, _i64, _i64, _ptr, _int, _ptr, _ptr, _i64, _f32, _ptr,
+                           _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr,
+                           _ptr, _ptr, _int, _i64, _ptr, _ptr),
     "dq_conv_operands": (_ptr, _i64, _i64, _i64, _i64, _f32, _ptr,
                          _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr),
 }
@@ -100,7 +101,8 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _ptr_of(t: torch.Tensor | None) -> int | None:
+def pointer(t: torch.Tensor | None) -> int | None:
+    """t's data pointer for a C argument; None (NULL) for None."""
     return None if t is None else t.data_ptr()
 
 
@@ -128,12 +130,12 @@ def cpu_plan(weight_format: str, weight_scale: torch.Tensor, channel_scale: torc
         return None
     fmt = get_format(weight_format)
     group, qmax = act
-    return CpuPlan(8 if fmt.bits > 4 else 4, fmt.signed, SCALE_DTYPES[weight_scale.dtype], group or in_channels, qmax)
+    return CpuPlan(8 if fmt.bits > 4 else 4, fmt.signed, DTYPE_CODES[weight_scale.dtype], group or in_channels, qmax)
 
 
 def takes_weight(weight_format: str, scale: torch.Tensor, channel_scale: torch.Tensor | None) -> bool:
-    """True when decode_weight expands this stored weight: integer codes, scales in SCALE_DTYPES, float16 s1."""
-    return (isinstance(get_format(weight_format), IntFormat) and scale.dtype in SCALE_DTYPES
+    """True when decode_weight expands this stored weight: integer codes, scales in DTYPE_CODES, float16 s1."""
+    return (isinstance(get_format(weight_format), IntFormat) and scale.dtype in DTYPE_CODES
             and (channel_scale is None or channel_scale.dtype == torch.float16))
 
 
@@ -162,7 +164,7 @@ def quantize_rows(
     """Fake-quantize float32 x2 [m, k] (last dim contiguous) per row, or per row and group, into `out` [m, k]
     (see dq_quantize_rows). smooth [k] (float32): x2 / smooth is quantized; `smoothed` [m, k] receives it."""
     m, k = x2.shape
-    library().dq_quantize_rows(x2.data_ptr(), m, k, x2.stride(0), _ptr_of(smooth), _ptr_of(smoothed), group or k, qmax, out.data_ptr())
+    library().dq_quantize_rows(x2.data_ptr(), m, k, x2.stride(0), pointer(smooth), pointer(smoothed), group or k, qmax, out.data_ptr())
 
 
 def quantize_channels(x: torch.Tensor, group: int | None, qmax: float, out: torch.Tensor) -> None:
@@ -176,8 +178,8 @@ def decode_weight(
     zero: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
 ) -> None:
     """Stored codes [n, stored columns] -> float32 out [n, in_features] = (code - zero) * scale, with [rows, groups]
-    scale (and zero) of one dtype in SCALE_DTYPES, times the float16 channel_scale [n] when given (dq_decode_weight)."""
+    scale (and zero) of one dtype in DTYPE_CODES, times the float16 channel_scale [n] when given (dq_decode_weight)."""
     rows, groups = scale.shape
     library().dq_decode_weight(qweight.data_ptr(), qweight.shape[0], in_features, qweight.stride(0), 8 if bits > 4 else 4,
-                               int(signed), scale.data_ptr(), _ptr_of(zero), SCALE_DTYPES[scale.dtype], rows, groups,
-                               _ptr_of(channel_scale), out.data_ptr())
+                               int(signed), scale.data_ptr(), pointer(zero), DTYPE_CODES[scale.dtype], rows, groups,
+                               pointer(channel_scale), out.data_ptr())

@@ -44,20 +44,33 @@ def cpu_linear(
     cpu = x2.device
     branch = lora_down is not None and lora_down.shape[0] > 0
     quantized = plan.act_qmax > 0
+    codes, ptr = cpu_kernels.DTYPE_CODES, cpu_kernels.pointer
+    # 16-bit smoothing vectors and low-rank factors are converted in the same call, into reused FP32 buffers.
+    smooth_src = smooth32 = None
     if smooth is not None:
-        smooth = cast(smooth).contiguous()
+        if smooth.dtype not in codes or smooth.stride(0) != 1:
+            return None
+        smooth_src, smooth32 = (None, smooth) if smooth.dtype == torch.float32 else (smooth, reused_buffer("smooth", (k,), torch.float32, cpu))
+    down_src = up_src = None
+    if branch:
+        if lora_down.dtype not in codes or lora_up.dtype != lora_down.dtype or not (lora_down.is_contiguous() and lora_up.is_contiguous()):
+            return None
+        if lora_down.dtype != torch.float32:
+            down_src, up_src = lora_down, lora_up
+            lora_down = reused_buffer("lowrank_down", tuple(lora_down.shape), torch.float32, cpu)
+            lora_up = reused_buffer("lowrank_up", tuple(lora_up.shape), torch.float32, cpu)
     xa = reused_buffer("act_operand", (m, k), torch.float32, cpu) if quantized or smooth is not None else x2
     smoothed = reused_buffer("smoothed", (m, k), torch.float32, cpu) if quantized and smooth is not None and branch else None
     w = reused_buffer("decode_codes.grid", (n, k), torch.float32, cpu)
     lib.dq_linear_operands(
-        x2.data_ptr(), m, k, x2.stride(0), None if smooth is None else smooth.data_ptr(),
-        None if smoothed is None else smoothed.data_ptr(), plan.act_group, plan.act_qmax, xa.data_ptr(),
-        qweight.data_ptr(), n, qweight.stride(0), plan.bits, plan.signed, weight_scale.data_ptr(),
-        None if weight_zero is None else weight_zero.data_ptr(), plan.scale_dtype, weight_scale.shape[0],
-        weight_scale.shape[1], None if channel_scale is None else channel_scale.data_ptr(), w.data_ptr(),
+        x2.data_ptr(), m, k, x2.stride(0), ptr(smooth_src), codes[smooth.dtype] if smooth is not None else 0, ptr(smooth32),
+        ptr(smoothed), plan.act_group, plan.act_qmax, xa.data_ptr(), qweight.data_ptr(), n, qweight.stride(0), plan.bits,
+        plan.signed, weight_scale.data_ptr(), ptr(weight_zero), plan.scale_dtype, weight_scale.shape[0], weight_scale.shape[1],
+        ptr(channel_scale), w.data_ptr(), ptr(down_src), ptr(up_src), codes[down_src.dtype] if down_src is not None else 0,
+        lora_down.shape[0] if branch else 0, ptr(lora_down if down_src is not None else None), ptr(lora_up if down_src is not None else None),
     )
     y = F.linear(xa, w, None if bias is None else cast(bias))
     if branch:
         xs = x2 if smooth is None else smoothed if quantized else xa
-        y = y.addmm_(xs @ cast(lora_down).t(), cast(lora_up).t())
+        y = y.addmm_(F.linear(xs, lora_down), lora_up.t())
     return y.reshape(*x.shape[:-1], n)

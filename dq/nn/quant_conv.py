@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dq.kernels import cpu_kernels
-from dq.kernels.reference import reused_buffer, buffer_allocator, weight_tile_rows, weight_tiles
+from dq.kernels.reference import buffer_allocator, reused_buffer, weight_tile_rows, weight_tiles
 from dq.nn.base import QuantLayerMixin
 from dq.quant import QuantSpec, cast, fake_quantize_channels
 
