@@ -1,11 +1,11 @@
 """CPU layer benchmark: one deployed dq layer against the FP32 nn.Linear it replaces, timed back to back.
 
 Shapes are [M tokens, K in, N out] of SD1.5 at 256x256, batch 2 (M = 2048 at the top level, 32 at the
-deepest); each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the
-shapes of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 2x2 to 8x8 positions), against nn.Conv2d, with
-the per-position activation range reduced as dq does it and, for comparison, by torch's strided min/max over the
-channels (dq.quant.spec.SMALL_INNER). Prints the median ratio of the interleaved pairs per shape and writes
-benchmarks/results/cpu_layers.{md,json}.
+deepest), then of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 64 channels, 8x8 to 2x2 positions);
+each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the ref-sd
+shapes, against nn.Conv2d. Every deployed layer runs twice: with dq's C kernels (dq.kernels.cpu_kernels, the
+default) and with torch ops only (what DQ_CPU_KERNELS=0 runs). Prints the median ratio of the interleaved pairs
+per shape and writes benchmarks/results/cpu_layers.{md,json}.
 
     python benchmarks/cpu_layers.py [--pairs 15]
 """
@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dq.quant.spec  # noqa: E402
+from dq.kernels import cpu_kernels  # noqa: E402
 from dq.metrics.perf import cpu_name  # noqa: E402
 from dq.nn import LayerPlan, deploy_all, swap_layers  # noqa: E402
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
@@ -40,7 +40,8 @@ PLANS = {
     "svdquant-w4a8": LayerPlan("svdq_linear", W4, QuantSpec("int8", PerToken()), {"rank": 32}),
     "svdquant-w4a4": LayerPlan("svdq_linear", W4, QuantSpec("int4", PerToken(64)), {"rank": 32}),
 }
-SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (128, 1280, 1280), (32, 1280, 10240)]
+SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (128, 1280, 1280), (32, 1280, 10240),
+          (1024, 64, 64), (256, 64, 256), (64, 64, 64)]
 CONV_W8A8 = LayerPlan("conv2d", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()))
 CONV_SHAPES = [(16, 32, 8, 8, 3), (16, 64, 4, 4, 3), (16, 64, 4, 4, 1), (16, 128, 2, 2, 3)]  # N, C, H, W, kernel
 
@@ -56,6 +57,15 @@ def paired_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int)
         variant(x)
         ratios.append((time.perf_counter() - mid) / (mid - start))
     return statistics.median(ratios)
+
+
+def torch_ops_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int) -> float:
+    """paired_ratio with dq's C kernels switched off: the deployed layer runs torch ops only."""
+    library, cpu_kernels.library = cpu_kernels.library, lambda: None
+    try:
+        return paired_ratio(fp, variant, x, pairs)
+    finally:
+        cpu_kernels.library = library
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 swap_layers(variant, {"0": plan})
                 deploy_all(variant)
                 row[name] = paired_ratio(fp, variant, x, args.pairs)
+                row[f"{name}_torch_ops"] = torch_ops_ratio(fp, variant, x, args.pairs)
             rows.append(row)
-            print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x" for name in PLANS]), flush=True)
+            print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]), flush=True)
         conv_rows = []
         for n, c, h, w, k in CONV_SHAPES:
             fp = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2)).eval()
@@ -84,23 +95,22 @@ def main(argv: list[str] | None = None) -> int:
             variant = copy.deepcopy(fp)
             swap_layers(variant, {"0": CONV_W8A8})
             deploy_all(variant)
-            moved = paired_ratio(fp, variant, x, args.pairs)
-            dq.quant.spec.SMALL_INNER, small = 0, dq.quant.spec.SMALL_INNER
-            strided = paired_ratio(fp, variant, x, args.pairs)
-            dq.quant.spec.SMALL_INNER = small
-            conv_rows.append({"shape": [n, c, h, w, k], "w8a8": moved, "w8a8_strided_minmax": strided})
-            print(f"conv {n}x{c}x{h}x{w} k{k}: w8a8 {moved:.2f}x (strided min/max {strided:.2f}x)", flush=True)
+            fused, plain = paired_ratio(fp, variant, x, args.pairs), torch_ops_ratio(fp, variant, x, args.pairs)
+            conv_rows.append({"shape": [n, c, h, w, k], "w8a8": fused, "w8a8_torch_ops": plain})
+            print(f"conv {n}x{c}x{h}x{w} k{k}: w8a8 {fused:.2f}x (torch ops {plain:.2f}x)", flush=True)
     env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
     lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
-             "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time.", "",
+             "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time, with dq's C kernels "
+             "(in parentheses: torch ops only, DQ_CPU_KERNELS=0).", "",
              "| M x K x N | " + " | ".join(PLANS) + " |", "|---|" + "---|" * len(PLANS)]
     for row in rows:
-        lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(f"{row[name]:.2f}x" for name in PLANS) + " |")
+        cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]
+        lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(cells) + " |")
     lines += ["", "W8A8 Conv2d (C -> C) vs FP32 nn.Conv2d at the ref-sd demo's shapes:", "",
-              "| N x C x H x W, kernel | w8a8 | w8a8, strided min/max |", "|---|---|---|"]
+              "| N x C x H x W, kernel | w8a8 | w8a8, torch ops only |", "|---|---|---|"]
     for row in conv_rows:
         n, c, h, w, k = row["shape"]
-        lines.append(f"| {n}x{c}x{h}x{w}, {k}x{k} | {row['w8a8']:.2f}x | {row['w8a8_strided_minmax']:.2f}x |")
+        lines.append(f"| {n}x{c}x{h}x{w}, {k}x{k} | {row['w8a8']:.2f}x | {row['w8a8_torch_ops']:.2f}x |")
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
