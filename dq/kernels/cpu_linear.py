@@ -37,7 +37,7 @@ def cpu_linear(
     lib = cpu_kernels.library()
     if lib is None:
         return None
-    x2 = x.reshape(-1, in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     m, n, k = x2.shape[0], qweight.shape[0], in_features
     if x2.stride(-1) != 1 or weight_tile_rows(m * k * 4, n, k):
         return None
@@ -73,4 +73,4 @@ def cpu_linear(
     if branch:
         xs = x2 if smooth is None else smoothed if quantized else xa
         y = y.addmm_(F.linear(xs, lora_down), lora_up.t())
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
