@@ -118,15 +118,15 @@ def fake_quantize_channels(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor |
 
 
 @torch.no_grad()
-def dynamic_codes(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid values [rows, k] of a 2-D x under a symmetric one-scale-per-row spec, and the [rows, 1] scales.
 
-    fake_quantize(x, spec) == codes * scale exactly; keeping the two apart lets a GEMM apply the scale
-    to its output (rows x N values) instead of to x. `out` (float32, x's shape) receives the codes when given.
+    fake_quantize(x, spec) == codes * scale exactly; keeping the two apart lets an integer GEMM apply the
+    scale to its output (rows x N values) instead of to x.
     """
     x = cast(x)
     scale, _ = dynamic_scales(x, spec)  # one scale per row: the grouped view is x itself
-    return _grid_no_grad(x, spec, scale, None, out, scale_from_g=True), scale
+    return _grid_no_grad(x, spec, scale, None, None, scale_from_g=True), scale
 
 
 def quantize(

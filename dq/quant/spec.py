@@ -92,7 +92,8 @@ def scales_are_absmax(spec: QuantSpec) -> bool:
 # torch's CPU min/max reductions over a dimension that is not innermost are vectorized along the dimensions
 # after it; when those hold few elements (a conv input's channels at 4x4 or 2x2 positions) the reduction is
 # several times slower than over a contiguous copy with the dimension moved last (2-core EPYC: 16 x 64 x 4 x 4,
-# 134 us vs 50 us; 16 x 128 x 2 x 2, 55 us vs 16 us; the layer-level effect: benchmarks/cpu_layers.py).
+# 134 us vs 50 us; 16 x 128 x 2 x 2, 55 us vs 16 us). Deployed CPU convs take this path only without dq's C
+# kernels (dq.kernels.cpu_kernels), which reduce over the channels in one pass.
 # Min and max are exact, so the copy gives the same values.
 SMALL_INNER = 64
 
