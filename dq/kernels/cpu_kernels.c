@@ -11,7 +11,7 @@
  */
 
 #include <float.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include <math.h>
@@ -60,9 +60,17 @@ static float load_scale(const void *p, int dtype, i64 i) {
     }
 }
 
-/* dst [n] = src [n] of dtype code `dtype`, as float32 (exact). */
+/* dst [n] = src [n] of dtype code `dtype`, as float32 (exact). Half floats eight at a time with F16C where the
+ * CPU has it (as torch's own vectorized conversion does): per element, half_to_float costs ten times more. */
 static void to_float(const void *src, int dtype, i64 n, float *dst) {
-    for (i64 i = 0; i < n; ++i) dst[i] = load_scale(src, dtype, i);
+    i64 i = 0;
+#ifdef __F16C__
+    if (dtype == DTYPE_F16) {
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = load_scale(src, dtype, i);
 }
 
 /* The absmax scale of n values, as dq.quant.spec.dynamic_scales: max(amax / qmax, smallest normal).
@@ -191,30 +199,63 @@ void dq_decode_weight(const void *q, i64 n, i64 k, i64 ldq, int bits, int is_sig
     }
 }
 
-/* A deployed linear layer's operands in one call (dq.kernels.cpu_linear).
+/* The BLAS sgemm torch computes F.linear with (dq_set_sgemm: cpu_kernels.py passes the one libtorch_cpu exports). */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+static sgemm_fn sgemm = NULL;
+
+void dq_set_sgemm(void *fn) { sgemm = (sgemm_fn)fn; }
+
+/* y [m, n] = a [m, k] (row stride lda) b [n, k]^T + beta y, as torch's addmm calls BLAS for F.linear: in column-major
+ * terms y^T = b a^T, transa "t", transb "n". Same call, same arguments, so the same float32 result. */
+static void gemm_abt(i64 m, i64 n, i64 k, const float *a, i64 lda, const float *b, float beta, float *y) {
+    int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)k, LDC = (int)n;
+    float one = 1.0f;
+    sgemm("t", "n", &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, y, &LDC);
+}
+
+/* A deployed linear layer in one call (dq.kernels.cpu_linear): y [m, n] = xa w^T + bias + (xs down^T) up^T.
  *
- * x [m, k] smoothed and fake-quantized into xa (when qmax > 0; only smoothed otherwise, left alone without smooth),
- * the weight dequantized into w [n, k]. Tensors of 16-bit dtypes are converted to float32 first, as the torch path
- * casts them: smooth_src [k] into smooth (else smooth is the float32 vector itself, or NULL), and the low-rank
- * factors down_src [rank, k] and up_src [n, rank] into down and up (when down_src is not NULL).
+ * x [m, k] is smoothed and fake-quantized into xa (when qmax > 0; only smoothed otherwise; used as it is without
+ * smooth), the weight dequantized into w [n, k], then the GEMMs of F.linear(xa, w, bias) and, with rank > 0, of
+ * F.linear(xs, down) into t [m, rank] and y.addmm_(t, up^T); xs is the smoothed input (`smoothed` when the input
+ * is also quantized). Tensors of 16-bit dtypes are converted to float32 first, as the torch path casts them:
+ * smooth_src [k] into smooth (else smooth is the float32 vector itself, or NULL), and the low-rank factors
+ * down_src [rank, k] and up_src [n, rank] into down and up (when down_src is not NULL). bias [n] float32 or NULL.
  */
-void dq_linear_operands(const float *x, i64 m, i64 k, i64 ldx, const void *smooth_src, int smooth_dtype, float *smooth,
-                        float *smoothed, i64 group, float qmax, float *xa, const void *q, i64 n, i64 ldq, int bits,
-                        int is_signed, const void *scale, const void *zero, int scale_dtype, i64 scale_rows, i64 groups,
-                        const uint16_t *channel, float *w, const void *down_src, const void *up_src, int branch_dtype,
-                        i64 rank, float *down, float *up) {
+void dq_linear(const float *x, i64 m, i64 k, i64 ldx, const void *smooth_src, int smooth_dtype, float *smooth,
+               float *smoothed, i64 group, float qmax, float *xa, const void *q, i64 n, i64 ldq, int bits, int is_signed,
+               const void *scale, const void *zero, int scale_dtype, i64 scale_rows, i64 groups, const uint16_t *channel,
+               float *w, const float *bias, const void *down_src, const void *up_src, int branch_dtype, i64 rank,
+               float *down, float *up, float *t, float *y) {
+    if (m == 0) return;
     if (smooth_src != NULL) to_float(smooth_src, smooth_dtype, k, smooth);
     if (down_src != NULL) {
         to_float(down_src, branch_dtype, rank * k, down);
         to_float(up_src, branch_dtype, n * rank, up);
     }
+    const float *a = x, *xs = x;
+    i64 lda = ldx;
     if (qmax > 0) {
         dq_quantize_rows(x, m, k, ldx, smooth, smoothed, group, qmax, xa);
+        a = xa, lda = k, xs = smooth != NULL ? smoothed : x;
     } else if (smooth != NULL) {
+#pragma omp parallel for schedule(static) if (m * k >= PARALLEL_MIN)
         for (i64 r = 0; r < m; ++r)
             for (i64 j = 0; j < k; ++j) xa[r * k + j] = x[r * ldx + j] / smooth[j];
+        a = xs = xa, lda = k;
     }
     dq_decode_weight(q, n, k, ldq, bits, is_signed, scale, zero, scale_dtype, scale_rows, groups, channel, w);
+    if (bias != NULL) {
+#pragma omp parallel for schedule(static) if (m * n >= PARALLEL_MIN)
+        for (i64 r = 0; r < m; ++r) memcpy(y + r * n, bias, (size_t)n * sizeof(float));
+    }
+    gemm_abt(m, n, k, a, lda, w, bias != NULL ? 1.0f : 0.0f, y);
+    if (rank > 0) {
+        gemm_abt(m, rank, k, xs, xs == x ? ldx : k, down, 0.0f, t);
+        gemm_abt(m, n, rank, t, rank, up, 1.0f, y);
+    }
 }
 
 /* A deployed convolution's two operands in one call: x [n, c, hw] fake-quantized per pixel into xq (when qmax > 0),

@@ -1,4 +1,5 @@
-"""dq's CPU kernels (cpu_kernels.c): a deployed layer's element-wise passes, one call each.
+"""dq's CPU kernels (cpu_kernels.c): a deployed layer's element-wise passes, one call each, and for linear
+layers the whole layer in one call, GEMMs included (through the BLAS sgemm torch calls itself).
 
 A deployed CPU layer quantizes its input and expands its packed weight on every call.
 In torch ops that is 10-25 dispatches per layer, several microseconds each: on a small model (the bundled
@@ -46,9 +47,10 @@ SIGNATURES = {
     "dq_quantize_rows": (_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _f32, _ptr),
     "dq_quantize_channels": (_ptr, _i64, _i64, _i64, _i64, _f32, _ptr),
     "dq_decode_weight": (_ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr),
-    "dq_linear_operands": (_ptr, _i64, _i64, _i64, _ptr, _int, _ptr, _ptr, _i64, _f32, _ptr,
-                           _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr,
-                           _ptr, _ptr, _int, _i64, _ptr, _ptr),
+    "dq_set_sgemm": (_ptr,),
+    "dq_linear": (_ptr, _i64, _i64, _i64, _ptr, _int, _ptr, _ptr, _i64, _f32, _ptr,
+                  _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr,
+                  _ptr, _ptr, _int, _i64, _ptr, _ptr, _ptr, _ptr),
     "dq_conv_operands": (_ptr, _i64, _i64, _i64, _i64, _f32, _ptr,
                          _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int, _i64, _i64, _ptr, _ptr),
 }
@@ -99,6 +101,34 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     logger.info("dq CPU kernels: %s", path)
     return lib
+
+
+def linear_library() -> ctypes.CDLL | None:
+    """library() with its GEMM bound to the BLAS sgemm that torch's F.linear calls, or None where there is no
+    library or torch exports no sgemm (then deployed linear layers use torch ops; logged once at INFO).
+
+    The whole layer is then one C call (dq_linear): at 64-256 channels the dispatches of the torch calls
+    around the GEMMs cost as much as the GEMMs (benchmarks/cpu_layers.py)."""
+    lib = library()
+    return lib if lib is not None and _bind_sgemm(lib) else None
+
+
+@functools.cache
+def _bind_sgemm(lib: ctypes.CDLL) -> bool:
+    sgemm = torch_sgemm()
+    if sgemm is None:
+        logger.info("dq CPU kernels: torch exports no BLAS sgemm; deployed linear layers use torch ops")
+        return False
+    lib.dq_set_sgemm(sgemm)
+    return True
+
+
+def torch_sgemm() -> int | None:
+    """The address of the Fortran BLAS sgemm_ in torch's CPU library (MKL in the x86 wheels), or None."""
+    try:
+        return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def pointer(t: torch.Tensor | None) -> int | None:

@@ -1,17 +1,17 @@
-"""A deployed linear layer on the CPU in two calls: dq's C kernels prepare both operands, one FP32 GEMM multiplies.
+"""A deployed linear layer on the CPU in one call: dq's C kernels prepare both operands and run the GEMMs.
 
 The values are those of dq.kernels.reference (bit for bit): the input smoothed and fake-quantized, the weight
-dequantized into a reused buffer, F.linear with the bias, then the low-rank branch. What is saved is the
-dispatch: the reference's 10-25 torch ops and Python layers per call cost more than the GEMM itself on a small
-model (tests/kernels/test_cpu_kernels.py checks the equality; benchmarks/cpu_layers.py times it). Calls the
-C kernels do not take return None, and the caller runs the reference: autograd (LoRA training), 16-bit
-inputs, layers whose weight is streamed in tiles (dq.kernels.reference.weight_tile_rows).
+dequantized into a reused buffer, the GEMM of F.linear with the bias, then the low-rank branch, each GEMM the
+BLAS call torch itself makes (cpu_kernels.linear_library). What is saved is the dispatch: the reference's
+10-25 torch ops and Python layers per call cost more than the GEMM itself on a small model
+(tests/kernels/test_cpu_kernels.py checks the equality; benchmarks/cpu_layers.py times it). Calls the C kernels
+do not take return None, and the caller runs the reference: autograd (LoRA training), 16-bit inputs, layers
+whose weight is streamed in tiles (dq.kernels.reference.weight_tile_rows).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dq.kernels import cpu_kernels
 from dq.kernels.reference import reused_buffer, weight_tile_rows
@@ -34,7 +34,7 @@ def cpu_linear(
     """y = Q(x / smooth) deq(W)^T + b + ((x / smooth) L_down^T) L_up^T for an FP32 CPU input, or None (see above)."""
     if torch.is_grad_enabled() or x.dtype != torch.float32:
         return None
-    lib = cpu_kernels.library()
+    lib = cpu_kernels.linear_library()
     if lib is None:
         return None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
@@ -42,7 +42,7 @@ def cpu_linear(
     if x2.stride(-1) != 1 or weight_tile_rows(m * k * 4, n, k):
         return None
     cpu = x2.device
-    branch = lora_down is not None and lora_down.shape[0] > 0
+    rank = lora_down.shape[0] if lora_down is not None else 0
     quantized = plan.act_qmax > 0
     codes, ptr = cpu_kernels.DTYPE_CODES, cpu_kernels.pointer
     # 16-bit smoothing vectors and low-rank factors are converted in the same call, into reused FP32 buffers.
@@ -51,26 +51,28 @@ def cpu_linear(
         if smooth.dtype not in codes or smooth.stride(0) != 1:
             return None
         smooth_src, smooth32 = (None, smooth) if smooth.dtype == torch.float32 else (smooth, reused_buffer("smooth", (k,), torch.float32, cpu))
-    down_src = up_src = None
-    if branch:
+    down_src = up_src = t = None
+    if rank:
         if lora_down.dtype not in codes or lora_up.dtype != lora_down.dtype or not (lora_down.is_contiguous() and lora_up.is_contiguous()):
             return None
         if lora_down.dtype != torch.float32:
             down_src, up_src = lora_down, lora_up
             lora_down = reused_buffer("lowrank_down", tuple(lora_down.shape), torch.float32, cpu)
             lora_up = reused_buffer("lowrank_up", tuple(lora_up.shape), torch.float32, cpu)
-    xa = reused_buffer("act_operand", (m, k), torch.float32, cpu) if quantized or smooth is not None else x2
-    smoothed = reused_buffer("smoothed", (m, k), torch.float32, cpu) if quantized and smooth is not None and branch else None
+        t = reused_buffer("lowrank_t", (m, rank), torch.float32, cpu)
+    if bias is not None:
+        bias = cast(bias)
+        if not bias.is_contiguous():
+            return None
+    xa = reused_buffer("act_operand", (m, k), torch.float32, cpu) if quantized or smooth is not None else None
+    smoothed = reused_buffer("smoothed", (m, k), torch.float32, cpu) if quantized and smooth is not None and rank else None
     w = reused_buffer("decode_codes.grid", (n, k), torch.float32, cpu)
-    lib.dq_linear_operands(
+    y = torch.empty(m, n, dtype=torch.float32, device=cpu)
+    lib.dq_linear(
         x2.data_ptr(), m, k, x2.stride(0), ptr(smooth_src), codes[smooth.dtype] if smooth is not None else 0, ptr(smooth32),
-        ptr(smoothed), plan.act_group, plan.act_qmax, xa.data_ptr(), qweight.data_ptr(), n, qweight.stride(0), plan.bits,
+        ptr(smoothed), plan.act_group, plan.act_qmax, ptr(xa), qweight.data_ptr(), n, qweight.stride(0), plan.bits,
         plan.signed, weight_scale.data_ptr(), ptr(weight_zero), plan.scale_dtype, weight_scale.shape[0], weight_scale.shape[1],
-        ptr(channel_scale), w.data_ptr(), ptr(down_src), ptr(up_src), codes[down_src.dtype] if down_src is not None else 0,
-        lora_down.shape[0] if branch else 0, ptr(lora_down if down_src is not None else None), ptr(lora_up if down_src is not None else None),
+        ptr(channel_scale), w.data_ptr(), ptr(bias), ptr(down_src), ptr(up_src), codes[down_src.dtype] if down_src is not None else 0,
+        rank, ptr(lora_down if rank else None), ptr(lora_up if rank else None), ptr(t), y.data_ptr(),
     )
-    y = F.linear(xa, w, None if bias is None else cast(bias))
-    if branch:
-        xs = x2 if smooth is None else smoothed if quantized else xa
-        y = y.addmm_(F.linear(xs, lora_down), lora_up.t())
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)

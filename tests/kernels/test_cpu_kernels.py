@@ -89,27 +89,31 @@ LAYERS = {
     "w8a8 linear": ("linear", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
     "w4a4 linear": ("linear", QuantSpec("int4", PerGroup(32)), QuantSpec("int4", PerToken(32))),
     "w4a8 svdquant": ("svdq_linear", QuantSpec("int4", PerGroup(32)), QuantSpec("int8", PerToken())),
+    "w4a16 svdquant": ("svdq_linear", QuantSpec("int4", PerGroup(32)), None),
     "w4a8 progressive": ("linear", QuantSpec("uint4", Progressive(32), symmetric=False), QuantSpec("int8", PerToken())),
     "w8a8 conv": ("conv2d", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
     "w4a4 conv": ("conv2d", QuantSpec("int4", PerGroup(32)), QuantSpec("int4", PerToken(32))),
 }
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_deployed_layers_give_the_torch_ops_output(name, monkeypatch):
-    """A deployed layer's output with the C kernels equals, bit for bit, its output through torch ops only."""
+def test_deployed_layers_give_the_torch_ops_output(name, bias, monkeypatch):
+    """A deployed layer's output with the C kernels (and, for linear layers, their GEMM calls) equals, bit for bit,
+    its output through torch ops only: on a few tokens, and on enough for the kernels' parallel loops."""
     kind, weight, act = LAYERS[name]
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(64, 48, 3, padding=1) if kind == "conv2d" else nn.Linear(64, 48))
+    model = nn.Sequential(nn.Conv2d(64, 48, 3, padding=1, bias=bias) if kind == "conv2d" else nn.Linear(64, 48, bias=bias))
     options = {"rank": 8} if kind == "svdq_linear" else {}
     swap_layers(model, {"0": LayerPlan(kind, weight, act, options=options)})
     deploy_all(model)
-    x = torch.randn(2, 64, 6, 6) if kind == "conv2d" else torch.randn(2, 7, 64)
+    inputs = [torch.randn(2, 64, 6, 6), torch.randn(8, 64, 16, 16)] if kind == "conv2d" else [torch.randn(2, 7, 64), torch.randn(4, 300, 64)]
     with torch.no_grad():
-        fused = model(x)
+        fused = [model(x) for x in inputs]
         monkeypatch.setattr(cpu_kernels, "library", lambda: None)
-        plain = model(x)
-    assert torch.equal(fused, plain)
+        plain = [model(x) for x in inputs]
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
 
 
 def test_switched_off_by_the_environment(monkeypatch, caplog):
