@@ -78,9 +78,10 @@ C = TypeVar("C", bound=CalibratorConfig)
 class Calibrator(ABC, Generic[C]):
     """Sets the quantizers of swapped (simulate-mode) layers from calibration data, before deployment."""
 
-    float_targets: ClassVar[bool] = False
-    """Whether the method's targets are the float model's outputs on the float model's inputs (BRECQ's
-    asymmetric reconstruction): block-sequential calibration then carries both models' block inputs."""
+    streams: ClassVar[tuple[str, ...]] = ()
+    """The block-input streams (dq.calib.data) the method replays besides the quantized model's: block-sequential
+    calibration carries each block's inputs in those quantization states of the whole model. BRECQ-style
+    reconstruction (Q-Diffusion, TFMQ) takes FLOAT (its targets) and WEIGHTS (its weight-phase inputs)."""
 
     def __init__(self, config: C) -> None:
         self.config = config

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dq.calib.data import CalibBatch, CalibData, map_tensors
+from dq.calib.data import FLOAT, QUANTIZED, CalibBatch, CalibData, map_tensors, stream_of
 from dq.calib.state import quant_state
 from dq.sizes import nested_tensors
 
@@ -46,9 +46,9 @@ def outputs_of(out: Any) -> list[torch.Tensor]:
     return [t for _, t in nested_tensors(out) if t.is_floating_point()]
 
 
-def _replay_until_stop(denoiser: nn.Module, data: CalibData, batch: CalibBatch, float_model: bool = False) -> None:
+def _replay_until_stop(denoiser: nn.Module, data: CalibData, batch: CalibBatch, stream: str = QUANTIZED) -> None:
     try:
-        data.replay(denoiser, batch, float_model)
+        data.replay(denoiser, batch, stream)
     except _Stop:
         pass
 
@@ -80,8 +80,9 @@ def capture_io(
     by_step: bool = False,
 ) -> list[Captured]:
     """Inputs of `module` in the quantized model (weights quantized; activations when `acts`) and its
-    outputs in the FP model, for up to `max_samples` calibration samples (BRECQ's asymmetric targets). The FP
-    model runs on the float model's inputs where the samples carry them (block-sequential calibration).
+    outputs in the FP model, for up to `max_samples` calibration samples (BRECQ's asymmetric targets). Each
+    replay takes the samples' inputs in its own quantization state where they carry them (block-sequential
+    calibration: the float model's for the targets, the weight-quantized model's for inputs without `acts`).
     """
     found: dict[str, Any] = {}
 
@@ -99,13 +100,13 @@ def capture_io(
         h = module.register_forward_pre_hook(grab_input, with_kwargs=True)
         try:
             with quant_state(denoiser, weights=True, acts=acts):
-                _replay_until_stop(denoiser, data, batch)
+                _replay_until_stop(denoiser, data, batch, stream_of(True, acts))
         finally:
             h.remove()
         h = module.register_forward_hook(grab_output, with_kwargs=True)
         try:
             with quant_state(denoiser, weights=False, acts=False):
-                _replay_until_stop(denoiser, data, batch, float_model=True)
+                _replay_until_stop(denoiser, data, batch, FLOAT)
         finally:
             h.remove()
         if "in" not in found or "out" not in found:

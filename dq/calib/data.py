@@ -9,9 +9,11 @@ samples were recorded (cache-aware calibration), each sample also keeps that ste
 `CalibData.replay` pins it while the denoiser runs, so a replay computes exactly what the cache computes
 on that step.
 A sample can also live on disk (`stored`), read back only while its batch is replayed: block-sequential
-calibration spills a block's inputs there when they exceed its memory budget. And a sample can carry the
-float model's inputs beside the quantized model's (`float_kwargs`): block-sequential calibration of a method
-whose targets are the float model's outputs (BRECQ's asymmetric reconstruction) replays those for its targets.
+calibration spills a block's inputs there when they exceed its memory budget. And a sample can carry a
+block's inputs in other states of the model beside the quantized model's (`stream_kwargs`, by stream: FLOAT,
+the float model; WEIGHTS, weights quantized and activations float): block-sequential calibration of a method
+that reconstructs (BRECQ's asymmetric reconstruction) replays, in each quantization state, the inputs the
+whole model in that state gives the block, as it does in memory (`stream_of`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ from torch import nn
 
 from dq.sizes import nested_bytes
 
+QUANTIZED, WEIGHTS, FLOAT = "quantized", "weights", "float"  # a block's input streams: the model's quantization states
+
+
+def stream_of(weights: bool, acts: bool) -> str:
+    """The stream of a replay under quant_state(weights=..., acts=...): FLOAT with float weights, WEIGHTS with
+    quantized weights and float activations, QUANTIZED with both quantized."""
+    return QUANTIZED if weights and acts else WEIGHTS if weights else FLOAT
+
 
 class CacheReplay(Protocol):
     """What a step cache offers calibration: run one denoiser call in a recorded cache state."""
@@ -38,8 +48,8 @@ class CalibSample:
     """The denoiser inputs of one prompt at one step (all CFG rows), stored in float16 on CPU.
 
     cache_state: the step cache's state on this step (step, refresh, reused tensors), None without a cache.
-    float_kwargs: the float model's inputs where they differ from the quantized model's (`kwargs`): a block's
-        inputs in the float model, when block-sequential calibration carries both streams; else None.
+    stream_kwargs: a block's inputs in other quantization states of the model than the quantized one (`kwargs`),
+        by stream (FLOAT, WEIGHTS), when block-sequential calibration carries them; else empty.
     """
 
     step: int
@@ -49,24 +59,24 @@ class CalibSample:
     kwargs: dict
     rows: int
     cache_state: dict[str, Any] | None = None
-    stored: Path | None = None  # args, kwargs and float_kwargs spilled to this file (read back per batch)
-    float_kwargs: dict | None = None
+    stored: Path | None = None  # args, kwargs and stream_kwargs spilled to this file (read back per batch)
+    stream_kwargs: dict[str, dict] = field(default_factory=dict)
 
     def inputs(self) -> tuple[tuple, dict]:
         """(args, kwargs): in memory, or read back from the file the sample was spilled to."""
         return self.all_inputs()[:2]
 
-    def all_inputs(self) -> tuple[tuple, dict, dict | None]:
-        """(args, kwargs, float_kwargs), in memory or read back from the file the sample was spilled to."""
+    def all_inputs(self) -> tuple[tuple, dict, dict[str, dict]]:
+        """(args, kwargs, stream_kwargs), in memory or read back from the file the sample was spilled to."""
         if self.stored is None:
-            return self.args, self.kwargs, self.float_kwargs
+            return self.args, self.kwargs, self.stream_kwargs
         return torch.load(self.stored, map_location="cpu", weights_only=True)
 
     def spill(self, path: Path) -> None:
         """Move the sample's inputs to `path`; they are read back per batch."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((self.args, self.kwargs, self.float_kwargs), path)
-        self.stored, self.args, self.kwargs, self.float_kwargs = path, (), {}, None
+        torch.save((self.args, self.kwargs, self.stream_kwargs), path)
+        self.stored, self.args, self.kwargs, self.stream_kwargs = path, (), {}, {}
 
     @property
     def cached(self) -> bool:
@@ -82,7 +92,7 @@ class CalibBatch:
     args: tuple
     kwargs: dict
     cache_state: dict[str, Any] | None
-    float_kwargs: dict | None = None  # the float model's inputs, where the samples carry them
+    stream_kwargs: dict[str, dict] = field(default_factory=dict)  # other streams' inputs, where the samples carry them
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -136,17 +146,17 @@ class CalibData:
                 rows = [s.rows for s in chunk]
                 state = None if chunk[0].cache_state is None else collate([s.cache_state for s in chunk], rows)
                 inputs = [s.all_inputs() for s in chunk]
-                floats = None if inputs[0][2] is None else collate([f for _, _, f in inputs], rows)
-                yield CalibBatch(chunk, collate([a for a, _, _ in inputs], rows), collate([k for _, k, _ in inputs], rows), state, floats)
+                streams = {name: collate([st[name] for _, _, st in inputs], rows) for name in inputs[0][2]}
+                yield CalibBatch(chunk, collate([a for a, _, _ in inputs], rows), collate([k for _, k, _ in inputs], rows), state, streams)
 
-    def replay(self, denoiser: nn.Module, batch: CalibBatch, float_model: bool = False) -> Any:
+    def replay(self, denoiser: nn.Module, batch: CalibBatch, stream: str = QUANTIZED) -> Any:
         """Call the denoiser on a batch, on its device and dtype, in the batch's cache state.
 
-        float_model: with the float model's inputs where the batch carries them (the float targets of
-        block-sequential calibration); the caller switches the quantizers off (`quant_state`).
+        stream: the quantization state the caller runs the denoiser in (`quant_state`; `stream_of` names it):
+        the batch's inputs in that state where it carries them (block-sequential calibration), else `kwargs`.
         """
         p = next(denoiser.parameters())
-        kwargs = batch.float_kwargs if float_model and batch.float_kwargs is not None else batch.kwargs
+        kwargs = batch.stream_kwargs.get(stream, batch.kwargs)
         args, kwargs = to_device(batch.args, p.device, p.dtype), to_device(kwargs, p.device, p.dtype)
         state = batch.cache_state
         pinned = nullcontext() if self.cache is None or state is None else self.cache.pinned(to_device(state, p.device, p.dtype))

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dq.calib.adaround import RECON_LAYER_KINDS, adaround, lp_loss, weight_quantizers_of
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
 from dq.calib.capture import Captured, capture_io, forward_order, outputs_of
-from dq.calib.data import CalibData
+from dq.calib.data import FLOAT, WEIGHTS, CalibData
 from dq.calib.observers import set_weight_scales
 from dq.calib.state import quant_state
 from dq.calib.timestep import calibrate_activations, check_observer, select_timestep, static_act_quantizers
@@ -284,7 +284,7 @@ def init_weight_scales(layers: dict[str, nn.Module], observer: str) -> None:
 class QDiffusionCalibrator(Calibrator[QDiffusionConfig]):
     """Q-Diffusion (Li et al., ICCV 2023): split shortcut + BRECQ/AdaRound + Lp/LSQ activation scales."""
 
-    float_targets = True  # BRECQ's asymmetric reconstruction: inputs from the quantized model, targets from the float one
+    streams = (FLOAT, WEIGHTS)  # BRECQ: targets from the float model; weights reconstructed with activations in float
 
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         if self.config.split_shortcut:

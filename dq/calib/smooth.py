@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.calib.data import CalibData
+from dq.calib.data import FLOAT, CalibData
 from dq.calib.state import quant_state
 from dq.errors import DQError
 from dq.quant import QuantSpec
@@ -189,7 +189,7 @@ def capture_layer_inputs(
         # Every swapped layer runs on its float weight and input, so the statistics are the FP model's.
         with quant_state(denoiser, weights=False, acts=False):
             for batch in tqdm(batches, desc="dq: capturing layer inputs", leave=False):
-                data.replay(denoiser, batch)
+                data.replay(denoiser, batch, FLOAT)
                 call[0] += 1
     finally:
         for h in handles:

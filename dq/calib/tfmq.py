@@ -32,7 +32,7 @@ from torch import nn
 
 from dq.calib.adaround import adaround
 from dq.calib.base import Calibrator, Sampling, register_calibrator
-from dq.calib.data import CalibData, CalibSample
+from dq.calib.data import FLOAT, WEIGHTS, CalibData, CalibSample
 from dq.calib.qdiffusion import ReconConfig, _check_layers, frozen_parameters, init_weight_scales, plan_split_shortcuts, reconstruct_weights
 from dq.calib.state import quant_state
 from dq.calib.timestep import attach_timestep_hook, calibrate_activations
@@ -226,7 +226,7 @@ class TFMQCalibrator(Calibrator[TFMQConfig]):
     block then calibrates the rest of its layers (`block_calibrator`).
     """
 
-    float_targets = True  # BRECQ's asymmetric targets, as in Q-Diffusion
+    streams = (FLOAT, WEIGHTS)  # as Q-Diffusion: float targets, weights reconstructed with activations in float
 
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         plan_tib_layers(denoiser, selection, find_temporal_block(denoiser, self.config.keep_first_time_linear), recipe)
@@ -254,7 +254,7 @@ class TFMQCalibrator(Calibrator[TFMQConfig]):
 class TFMQBlockCalibrator(Calibrator[TFMQConfig]):
     """TFMQ-DM on one block once the temporal block is calibrated: the rest of its layers (`calibrate_rest`)."""
 
-    float_targets = True
+    streams = (FLOAT, WEIGHTS)
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         _check_layers(layers, list(layers))

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
-from dq.calib.data import CalibData
+from dq.calib.data import CalibData, stream_of
 from dq.calib.observers import OBSERVERS
 from dq.calib.state import quant_state
 from dq.errors import DQError
@@ -203,7 +203,7 @@ def calibrate_activations(
                 sub = data.subset(members)
                 for batch in sub.batches(batch_size, by_step=True):
                     current["step"] = batch.samples[0].step
-                    sub.replay(denoiser, batch)
+                    sub.replay(denoiser, batch, stream_of(weights_quantized, False))
         finally:
             for h in handles:
                 h.remove()

@@ -371,6 +371,8 @@ def save_data(data: CalibData, path: Path) -> None:
 
 def load_data(path: Path, replay: CalibrationReplay | None = None) -> CalibData:
     blob = torch.load(path, map_location="cpu", weights_only=False)
+    for s in blob["samples"]:
+        s.pop("float_kwargs", None)  # always None in files written before stream_kwargs replaced it
     return CalibData([CalibSample(**s) for s in blob["samples"]], blob["schedule"], blob["drawn"], replay)
 
 

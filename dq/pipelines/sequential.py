@@ -16,16 +16,18 @@ calibrated recipe without ever holding the float denoiser in memory:
    held in memory up to `max_memory`, spilled to disk beyond it. The float block is read, calibrated on
    those inputs by the recipe's calibrator (through `BlockDenoiser`), quantized and packed. Its quantized
    outputs are stored for the blocks that read them (as GPTQ's and BRECQ's sequential pipelines feed the
-   next block: the quantized model's inputs), its tensors written, and it is freed. For methods whose
-   targets are the float model's outputs (`Calibrator.float_targets`: Q-Diffusion and TFMQ, BRECQ's
-   asymmetric reconstruction) a second stream runs beside it: the float block's outputs on the float model's
-   inputs, from which the targets come, as in memory; the float model is still never resident.
+   next block: the quantized model's inputs), its tensors written, and it is freed. Methods that replay
+   other quantization states of the model (`Calibrator.streams`: Q-Diffusion and TFMQ, BRECQ's asymmetric
+   reconstruction) get more streams beside it, as in memory: FLOAT, the float block's outputs on the float
+   model's inputs, from which the targets come; WEIGHTS, the block's outputs with its weights quantized and
+   its activations in float, the inputs of the next blocks' weight reconstruction and activation ranges.
+   The float model is still never resident.
 4. Glue: the layers outside the blocks, calibrated with every block replaying.
 5. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
 
 Each finished block is recorded in `<out>.dq-partial/` (`dq.pipelines.streaming.WorkDir`); a run interrupted at any point continues at the first
 unfinished block when started again with the same arguments. Memory: the glue, one float block, and the
-calibration activations of one block boundary, twice with a float stream (those beyond `max_memory` on disk).
+calibration activations of one block boundary per stream (those beyond `max_memory` on disk).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
-from dq.calib.data import collate, map_tensors
+from dq.calib.data import FLOAT, QUANTIZED, WEIGHTS, collate, map_tensors
 from dq.calib.quantize import QuantPlan
 from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
 from dq.calib.state import quant_state
@@ -77,7 +79,7 @@ from dq.sizes import nested_bytes
 logger = logging.getLogger(__name__)
 
 MAX_MEMORY = 4 * 2**30
-QUANTIZED, FLOAT = "quantized", "float"  # the block-output streams: the quantized model's, the float model's
+QUANT_STATES = {QUANTIZED: (True, True), WEIGHTS: (True, False), FLOAT: (False, False)}  # stream -> (weights, acts)
 
 
 class _Reached(Exception):
@@ -146,7 +148,7 @@ def _free(module: nn.Module) -> None:
 
 # -- replaying the blocks before the one being calibrated --------------------------------------------------
 class _Outputs:
-    """One stream's outputs of finished blocks (the quantized model's, or the float model's), one file per block
+    """One stream's outputs of finished blocks (the model's in one quantization state), one file per block
     and sample, kept while a later block reads them; and the shape of every output (a block nobody reads still
     returns zeros of its shape to the glue)."""
 
@@ -223,8 +225,8 @@ def _replay_inputs(sample: CalibSample) -> tuple[tuple, dict]:
 def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, name: str, data: CalibData,
                          streams: dict[str, _Outputs], spill: Path, max_memory: int) -> CalibData:
     """The inputs of block `name` for every sample: the denoiser's forward with the earlier blocks replaying
-    their stored outputs, stopped at the block; with a FLOAT stream also the float model's inputs (quantizers
-    off, the float outputs replayed). In memory up to `max_memory` bytes, then spilled to `spill`."""
+    their stored outputs, stopped at the block, once per stream (in the stream's quantization state, its
+    outputs replayed). In memory up to `max_memory` bytes, then spilled to `spill`."""
     found: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -235,7 +237,8 @@ def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow
         replaying.samples, replaying.rows, replaying.outputs = [i], [s.rows], streams[stream]
         found.clear()
         args, kwargs = _replay_inputs(s)
-        with quant_state(denoiser, weights=stream == QUANTIZED, acts=stream == QUANTIZED):
+        weights, acts = QUANT_STATES[stream]
+        with quant_state(denoiser, weights=weights, acts=acts):
             try:
                 denoiser(*args, **kwargs)
             except _Reached:
@@ -249,9 +252,8 @@ def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow
     try:
         with _Replaying(blocks, flow.order[: flow.order.index(name)], streams[QUANTIZED], set(flow.sources[name])) as replaying, torch.no_grad():
             for i, s in enumerate(data.samples):
-                sample = CalibSample(s.step, s.timestep, s.prompt, (), inputs_in(QUANTIZED, i, s), s.rows)
-                if FLOAT in streams:
-                    sample.float_kwargs = inputs_in(FLOAT, i, s)
+                others = {stream: inputs_in(stream, i, s) for stream in streams if stream != QUANTIZED}
+                sample = CalibSample(s.step, s.timestep, s.prompt, (), inputs_in(QUANTIZED, i, s), s.rows, stream_kwargs=others)
                 held += nested_bytes(sample.all_inputs())
                 if held > max_memory:
                     sample.spill(spill / f"{i:05d}.pt")
@@ -261,13 +263,14 @@ def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow
     return CalibData(samples, data.schedule, data.drawn)
 
 
-def glue_data(data: CalibData, float_stream: bool) -> CalibData:
-    """The denoiser's calibration samples as GlueDenoiser calls (with the float model's where it has a stream)."""
+def glue_data(data: CalibData, streams: list[str]) -> CalibData:
+    """The denoiser's calibration samples as GlueDenoiser calls, once per stream."""
     samples = []
     for i, s in enumerate(data.samples):
         args, kwargs = s.inputs()
         kw = {"timestep": torch.full((s.rows,), s.timestep), "sample": torch.full((s.rows,), i), "args": args, "kwargs": kwargs}
-        samples.append(CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows, float_kwargs={**kw, "stream": FLOAT} if float_stream else None))
+        others = {stream: {**kw, "stream": stream} for stream in streams if stream != QUANTIZED}
+        samples.append(CalibSample(s.step, s.timestep, s.prompt, (), kw, s.rows, stream_kwargs=others))
     return CalibData(samples, data.schedule, data.drawn)
 
 
@@ -328,7 +331,7 @@ def sequential_quantize(path: str | Path, recipe: str | Recipe, out: str | Path,
             plan.calibrator.calibrate_prelude(skeleton, layers, data)
             # The glue's prelude layers select their timestep groups in the skeleton; a block's, in its BlockDenoiser.
             attach_timestep_hook(skeleton, [q for n, layer in layers.items() if not in_blocks(n, list(blocks)) for q in grouped_quantizers(layer)])
-    streams = {stream: _Outputs(work.path / f"outputs-{stream}") for stream in (QUANTIZED, FLOAT)[: 1 + plan.calibrator.float_targets]}
+    streams = {stream: _Outputs(work.path / f"outputs-{stream}") for stream in (QUANTIZED, *plan.calibrator.streams)}
     last_reader = flow.last_reader()
     for name in tqdm(flow.order, desc=f"dq: block-sequential {recipe.name}", leave=False):
         if name in done:
@@ -382,25 +385,29 @@ def _capture(work: WorkDir, checkpoint: Checkpoint, blocks: dict[str, nn.Module]
     return data, flow
 
 
-def _store_outputs(model: nn.Module, name: str, data: CalibData, outputs: _Outputs, keep: bool, float_model: bool = False) -> None:
-    with torch.no_grad():
+def _store_outputs(model: nn.Module, name: str, data: CalibData, outputs: _Outputs, keep: bool, stream: str) -> None:
+    """The block's outputs in `stream`: on the stream's inputs, in its quantization state."""
+    weights, acts = QUANT_STATES[stream]
+    with torch.no_grad(), quant_state(model, weights=weights, acts=acts):
         for i, s in enumerate(data.samples):
-            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1)), float_model), keep)
+            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1)), stream), keep)
 
 
 def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: QuantPlan, data: CalibData, streams: dict[str, _Outputs],
                     work: Path, keep: bool) -> dict[str, dict]:
-    """Read, calibrate, quantize and store one block, and store its outputs in every stream (the float ones
-    first, from the float block on the float inputs); returns its layers' plans."""
+    """Read, calibrate, quantize and store one block, and store its outputs in every stream: FLOAT from the
+    float block (before calibration), WEIGHTS from the calibrated block in simulation (before deployment,
+    activation quantizers off), QUANTIZED from the deployed block; returns its layers' plans."""
     block = checkpoint.load_module(name)
     model = BlockDenoiser(block, torch.float32)
-    if FLOAT in streams:
-        with quant_state(model, weights=False, acts=False):  # a prelude layer inside is already swapped
-            _store_outputs(model, name, data, streams[FLOAT], keep, float_model=True)
+    if FLOAT in streams:  # a prelude layer inside is already swapped: quant_state turns it off too
+        _store_outputs(model, name, data, streams[FLOAT], keep, FLOAT)
     quantize_model(model, recipe, data, block_plan(plan, name))
+    if WEIGHTS in streams:
+        _store_outputs(model, name, data, streams[WEIGHTS], keep, WEIGHTS)
     deploy_all(model)  # with the prelude's layers inside the block
     attach_timestep_hook(model)
-    _store_outputs(model, name, data, streams[QUANTIZED], keep)
+    _store_outputs(model, name, data, streams[QUANTIZED], keep, QUANTIZED)
     _save_tensors(work / "blocks" / f"{name}.safetensors", {f"{name}.{k}": v for k, v in block.state_dict().items()})
     _free(block)
     cut = len(BLOCK_PREFIX) + 1
@@ -415,7 +422,7 @@ def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: Bloc
         model = GlueDenoiser(skeleton, replaying, streams)
         prefixed = {f"denoiser.{n}": p for n, p in glue.selection.plans.items()}
         if prefixed:
-            quantize_model(model, recipe, glue_data(data, FLOAT in streams), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
+            quantize_model(model, recipe, glue_data(data, list(streams)), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
     deploy_all(skeleton)
     names = list(blocks)
     _save_tensors(work / "glue.safetensors", {k: v for k, v in skeleton.state_dict().items() if not in_blocks(k, names)})

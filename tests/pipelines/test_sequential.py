@@ -9,7 +9,9 @@ from diffusers import DiffusionPipeline
 from tiny_pipelines import build, run
 
 import dq
+from dq.calib.data import FLOAT, WEIGHTS
 from dq.calib.sequential import GLUE, denoiser_blocks, trace_block_flow
+from dq.calib.state import quant_state
 from dq.nn import quant_layers
 from dq.pipelines import sequential
 from dq.pipelines.sequential import sequential_quantize
@@ -73,10 +75,12 @@ def test_block_sequential_is_as_close_to_fp_as_in_memory(tmp_path, family, recip
     assert 0 < error["seq"] < 1.25 * error["mem"], error
 
 
-def test_float_targets_come_from_the_float_models_block_inputs(tmp_path, monkeypatch):
-    """Q-Diffusion and TFMQ reconstruct against the float model: every block's float stream is the float
-    denoiser's own input to that block, the quantized stream differs once a quantized block ran; TFMQ's
-    temporal layers inside the blocks (the resnets' time_emb_proj) are calibrated first, as the prelude."""
+def test_streams_are_the_whole_models_block_inputs_in_their_quantization_states(tmp_path, monkeypatch):
+    """Q-Diffusion and TFMQ replay each block's inputs in three states of the whole model, as in memory: the
+    float stream is the float denoiser's input to the block; the weights stream is the quantized denoiser's with
+    activations in float (it reconstructs weights and observes activation ranges on it); the quantized stream,
+    with both quantized, differs from both once a quantized block ran. TFMQ's temporal layers inside the blocks
+    (the resnets' time_emb_proj) are calibrated first, as the prelude."""
     pipe, _, calib = _saved("sd", tmp_path / "fp")
     seen = {}
 
@@ -90,26 +94,37 @@ def test_float_targets_come_from_the_float_models_block_inputs(tmp_path, monkeyp
     recipe = dataclasses.replace(recipe, only=("up_blocks.1.*",), options={**recipe.options, **FAST, "tib_iters": 4})
     report = sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
     assert "prelude" in report.stages
-    assert "up_blocks.1.resnets.0.time_emb_proj" in dict(quant_layers(_load(tmp_path / "q").unet))
-    unet, grabbed = pipe.unet, {}
-
-    def grab(module, args, kwargs):
-        grabbed["inputs"] = (args, kwargs)
-        raise StopIteration
-
+    quantized = _load(tmp_path / "q").unet
+    assert "up_blocks.1.resnets.0.time_emb_proj" in dict(quant_layers(quantized))
+    hidden = lambda kw: kw["block_kwargs"].get("hidden_states", kw["block_args"][0] if kw["block_args"] else None)  # noqa: E731
     for name, (data, block_data) in seen.items():
-        handle = unet.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True)
         for s, b in zip(data.samples, block_data.samples):
             args, kwargs = sequential._replay_inputs(s)
-            with torch.no_grad(), pytest.raises(StopIteration):
-                unet(*args, **kwargs)
-            fp, q = (b.all_inputs()[2], b.all_inputs()[1])
-            for key, expected in zip(("block_args", "block_kwargs"), grabbed["inputs"]):
-                torch.testing.assert_close(fp[key], expected, rtol=1e-5, atol=1e-5)
+            _, q, streams = b.all_inputs()
+            for unet, weights, stream in ((pipe.unet, False, streams[FLOAT]), (quantized, True, streams[WEIGHTS])):
+                expected = _block_inputs(unet, name, args, kwargs, weights)
+                for key, value in zip(("block_args", "block_kwargs"), expected):
+                    torch.testing.assert_close(stream[key], value, rtol=1e-4, atol=1e-4)
             if name == "up_blocks.2":  # after the quantized up_blocks.1
-                hidden = lambda kw: kw["block_kwargs"].get("hidden_states", kw["block_args"][0] if kw["block_args"] else None)  # noqa: E731
-                assert not torch.allclose(hidden(q), hidden(fp), atol=1e-3)
+                assert not torch.allclose(hidden(streams[WEIGHTS]), hidden(streams[FLOAT]), atol=1e-3)
+                assert not torch.allclose(hidden(q), hidden(streams[WEIGHTS]), atol=1e-3)
+
+
+def _block_inputs(unet, name, args, kwargs, weights):
+    """The inputs of block `name` when `unet` runs with its weights quantized or not and its activations in float."""
+    grabbed = {}
+
+    def grab(module, a, k):
+        grabbed["inputs"] = (a, k)
+        raise StopIteration
+
+    handle = unet.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), quant_state(unet, weights=weights, acts=False), pytest.raises(StopIteration):
+            unet(*args, **kwargs)
+    finally:
         handle.remove()
+    return grabbed["inputs"]
 
 
 def test_no_more_than_two_float_blocks_are_resident(tmp_path):
