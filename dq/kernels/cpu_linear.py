@@ -39,7 +39,8 @@ def cpu_linear(
         return None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     m, n, k = x2.shape[0], qweight.shape[0], in_features
-    if x2.stride(-1) != 1 or weight_tile_rows(m * k * 4, n, k):
+    ldx = x2.stride(0) if m > 1 else k  # BLAS needs rows at least k apart: expanded (stride-0) rows go to the reference
+    if x2.stride(-1) != 1 or ldx < k or weight_tile_rows(m * k * 4, n, k):
         return None
     cpu = x2.device
     rank = lora_down.shape[0] if lora_down is not None else 0
@@ -69,7 +70,7 @@ def cpu_linear(
     w = reused_buffer("decode_codes.grid", (n, k), torch.float32, cpu)
     y = torch.empty(m, n, dtype=torch.float32, device=cpu)
     lib.dq_linear(
-        x2.data_ptr(), m, k, x2.stride(0), ptr(smooth_src), codes[smooth.dtype] if smooth is not None else 0, ptr(smooth32),
+        x2.data_ptr(), m, k, ldx, ptr(smooth_src), codes[smooth.dtype] if smooth is not None else 0, ptr(smooth32),
         ptr(smoothed), plan.act_group, plan.act_qmax, ptr(xa), qweight.data_ptr(), n, qweight.stride(0), plan.bits,
         plan.signed, weight_scale.data_ptr(), ptr(weight_zero), plan.scale_dtype, weight_scale.shape[0], weight_scale.shape[1],
         ptr(channel_scale), w.data_ptr(), ptr(bias), ptr(down_src), ptr(up_src), codes[down_src.dtype] if down_src is not None else 0,

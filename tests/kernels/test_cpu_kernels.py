@@ -88,6 +88,7 @@ def test_weight_decoding_is_bit_identical(fmt, scale_dtype, zero, rows):
 LAYERS = {
     "w8a8 linear": ("linear", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken())),
     "w4a4 linear": ("linear", QuantSpec("int4", PerGroup(32)), QuantSpec("int4", PerToken(32))),
+    "w4a16 linear": ("linear", QuantSpec("int4", PerGroup(32)), None),
     "w4a8 svdquant": ("svdq_linear", QuantSpec("int4", PerGroup(32)), QuantSpec("int8", PerToken())),
     "w4a16 svdquant": ("svdq_linear", QuantSpec("int4", PerGroup(32)), None),
     "w4a8 progressive": ("linear", QuantSpec("uint4", Progressive(32), symmetric=False), QuantSpec("int8", PerToken())),
@@ -100,14 +101,16 @@ LAYERS = {
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_deployed_layers_give_the_torch_ops_output(name, bias, monkeypatch):
     """A deployed layer's output with the C kernels (and, for linear layers, their GEMM calls) equals, bit for bit,
-    its output through torch ops only: on a few tokens, and on enough for the kernels' parallel loops."""
+    its output through torch ops only: on a few tokens, on enough for the kernels' parallel loops, and on
+    strided inputs (rows expanded from one, a transposed column)."""
     kind, weight, act = LAYERS[name]
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(64, 48, 3, padding=1, bias=bias) if kind == "conv2d" else nn.Linear(64, 48, bias=bias))
     options = {"rank": 8} if kind == "svdq_linear" else {}
     swap_layers(model, {"0": LayerPlan(kind, weight, act, options=options)})
     deploy_all(model)
-    inputs = [torch.randn(2, 64, 6, 6), torch.randn(8, 64, 16, 16)] if kind == "conv2d" else [torch.randn(2, 7, 64), torch.randn(4, 300, 64)]
+    inputs = [torch.randn(2, 64, 6, 6), torch.randn(8, 64, 16, 16)] if kind == "conv2d" else [
+        torch.randn(2, 7, 64), torch.randn(4, 300, 64), torch.randn(1, 64).expand(5, 64), torch.randn(64, 1).t()]
     with torch.no_grad():
         fused = [model(x) for x in inputs]
         monkeypatch.setattr(cpu_kernels, "library", lambda: None)
