@@ -29,12 +29,13 @@ from torch import nn
 from dq.sizes import nested_bytes
 
 QUANTIZED, WEIGHTS, FLOAT = "quantized", "weights", "float"  # a block's input streams: the model's quantization states
+QUANT_STATES = {QUANTIZED: (True, True), WEIGHTS: (True, False), FLOAT: (False, False)}  # stream -> quant_state(weights, acts)
 
 
 def stream_of(weights: bool, acts: bool) -> str:
-    """The stream of a replay under quant_state(weights=..., acts=...): FLOAT with float weights, WEIGHTS with
-    quantized weights and float activations, QUANTIZED with both quantized."""
-    return QUANTIZED if weights and acts else WEIGHTS if weights else FLOAT
+    """The stream of a replay under quant_state(weights=..., acts=...) (QUANT_STATES); with float weights it is
+    FLOAT whatever the activations (no stream quantizes activations of float weights)."""
+    return next(stream for stream, state in QUANT_STATES.items() if state == (weights, weights and acts))
 
 
 class CacheReplay(Protocol):

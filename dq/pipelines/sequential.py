@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
-from dq.calib.data import FLOAT, QUANTIZED, WEIGHTS, collate, map_tensors
+from dq.calib.data import FLOAT, QUANT_STATES, QUANTIZED, WEIGHTS, collate, map_tensors
 from dq.calib.quantize import QuantPlan
 from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
 from dq.calib.state import quant_state
@@ -79,7 +79,6 @@ from dq.sizes import nested_bytes
 logger = logging.getLogger(__name__)
 
 MAX_MEMORY = 4 * 2**30
-QUANT_STATES = {QUANTIZED: (True, True), WEIGHTS: (True, False), FLOAT: (False, False)}  # stream -> (weights, acts)
 
 
 class _Reached(Exception):
