@@ -197,7 +197,6 @@ def reconstruct_weights(
     if missing:
         logger.warning("dq: %d reconstruction unit(s) never ran on the calibration data and keep nearest rounding: %s", len(missing), missing[:5])
     ratios = {}
-    rng = random.Random(opts.seed)
     device = next(denoiser.parameters()).device
     for name in tqdm(order, desc="dq: AdaRound reconstruction", leave=False):
         module, members = units[name]
@@ -207,8 +206,14 @@ def reconstruct_weights(
         batches = capture_io(denoiser, module, data, acts=False, max_samples=opts.recon_samples, batch_size=opts.batch_size)
         if not batches:
             continue
-        ratios[name] = _adaround_unit(module, {n: layers[n] for n in members}, batches, opts, rng, device, grouped=False)
+        ratios[name] = _adaround_unit(module, {n: layers[n] for n in members}, batches, opts, unit_rng(opts.seed, "adaround", name), device, grouped=False)
     return ratios
+
+
+def unit_rng(seed: int, stage: str, unit: str) -> random.Random:
+    """The batch order of one unit at one stage, keyed by the unit's name: the same whichever units are
+    calibrated with it (the whole denoiser in memory, one block at a time, a recipe's `only`)."""
+    return random.Random(f"{seed}/{stage}/{unit}")
 
 
 def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: list[Captured], opts: ReconConfig, rng: random.Random, device: torch.device, grouped: bool) -> float:
@@ -227,7 +232,6 @@ def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: Ca
         return
     units = recon_units(denoiser, layers)
     order = forward_order(denoiser, {n: m for n, (m, _) in units.items()}, data)
-    rng = random.Random(opts.seed + 1)
     device = next(denoiser.parameters()).device
     grouped = opts.timestep_groups > 1
     for name in tqdm(order, desc="dq: activation step sizes (LSQ)", leave=False):
@@ -242,6 +246,7 @@ def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: Ca
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=opts.act_lr)
+        rng = unit_rng(opts.seed, "lsq", name)
         try:
             with quant_state(module, weights=True, acts=True), torch.enable_grad():
                 for _ in range(opts.act_iters):

@@ -6,11 +6,13 @@ embeddings, norms, the projections in and out) is the glue, which the default sk
 
 - `BlockDenoiser` calls one block as if it were the denoiser, so every block-capable calibrator runs on it
   unchanged: the sample's timestep travels as the `timestep` keyword that timestep-aware quantizers key on.
+  The block sits at its own path inside it, so its layers have the names they have in the denoiser: plans,
+  logs and the per-unit batch orders of reconstruction (keyed by name) are the ones of in-memory calibration.
 - `trace_block_flow` runs the denoiser once and records, for every block, which earlier blocks' outputs reach
   its inputs (through the glue, e.g. a UNet's skip connections): a driver keeps a block's outputs exactly as
   long as a later block needs them.
-- `block_plan` is the whole denoiser's plan restricted to one block, named as inside its BlockDenoiser;
-  `glue_plan` the rest (e.g. SVDQuant's weight-only adaLN linears), calibrated after the blocks.
+- `block_plan` is the whole denoiser's plan restricted to one block; `glue_plan` the rest (e.g. SVDQuant's
+  weight-only adaLN linears), calibrated after the blocks.
 
 Where the blocks' weights and activations live (memory or disk) is decided above the core
 (`dq.pipelines.sequential`).
@@ -30,8 +32,6 @@ from dq.errors import DQError
 from dq.nn.select import LayerSelection
 from dq.sizes import nested_tensors
 
-BLOCK_PREFIX = "block"
-
 
 def denoiser_blocks(denoiser: nn.Module) -> dict[str, nn.Module]:
     """name -> block of every top-level ModuleList child and of the mid block, in registration order."""
@@ -49,20 +49,32 @@ def denoiser_blocks(denoiser: nn.Module) -> dict[str, nn.Module]:
     return blocks
 
 
+def mount(container: nn.Module, path: str, module: nn.Module) -> None:
+    """Register `module` inside `container` at the dotted `path` (plain parent modules are created), so that its
+    submodules keep the names they have in the model it comes from."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not hasattr(container, part):
+            container.add_module(part, nn.Module())
+        container = getattr(container, part)
+    container.add_module(leaf, module)
+
+
 class BlockDenoiser(nn.Module):
     """One block called as a denoiser, on keyword arguments only: `timestep` (one value per row) for the
     timestep-aware quantizers, and the block's own positional and keyword arguments (a block may take a
-    `timestep` of its own: PixArt's adaLN embedding)."""
+    `timestep` of its own: PixArt's adaLN embedding). The block is mounted at its name in the denoiser."""
 
-    def __init__(self, block: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, name: str, block: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         # The first parameter sets the dtype calibration data is replayed in (CalibData.replay), as the
         # denoiser's does in memory; a block's own first one may be a quantized layer's FP16 low-rank factor.
         self.replay_dtype = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        self.block = block
+        self.block_name = name
+        mount(self, name, block)
 
     def forward(self, timestep: torch.Tensor, block_args: tuple, block_kwargs: dict) -> Any:
-        return self.block(*block_args, **block_kwargs)
+        return self.get_submodule(self.block_name)(*block_args, **block_kwargs)
 
 
 def block_inputs(timesteps: torch.Tensor, args: tuple, kwargs: dict) -> dict:
@@ -71,13 +83,11 @@ def block_inputs(timesteps: torch.Tensor, args: tuple, kwargs: dict) -> dict:
 
 
 def block_plan(plan: QuantPlan, block: str) -> QuantPlan:
-    """`plan`'s layers inside `block`, named as inside BlockDenoiser (block.<local name>), with its calibrator."""
-    prefix = block + "."
+    """`plan`'s layers inside `block`, with its calibrator."""
+    def inside(names: dict) -> dict:
+        return {n: v for n, v in names.items() if in_blocks(n, [block])}
 
-    def local(names: dict) -> dict:
-        return {f"{BLOCK_PREFIX}.{n[len(prefix):]}": v for n, v in names.items() if n.startswith(prefix)}
-
-    return QuantPlan(LayerSelection(local(plan.selection.plans), local(plan.selection.skipped)), plan.calibrator)
+    return QuantPlan(LayerSelection(inside(plan.selection.plans), inside(plan.selection.skipped)), plan.calibrator)
 
 
 def in_blocks(name: str, blocks: list[str]) -> bool:
@@ -193,4 +203,4 @@ def trace_block_flow(blocks: dict[str, nn.Module], forward: Callable[[], Any], g
     return BlockFlow(order, sources)
 
 
-__all__ = ["BLOCK_PREFIX", "BlockDenoiser", "BlockFlow", "block_inputs", "GLUE", "block_plan", "denoiser_blocks", "glue_plan", "in_blocks", "trace_block_flow"]
+__all__ = ["BlockDenoiser", "BlockFlow", "block_inputs", "GLUE", "block_plan", "denoiser_blocks", "glue_plan", "in_blocks", "mount", "trace_block_flow"]

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
 from dq.calib.data import FLOAT, QUANT_STATES, QUANTIZED, WEIGHTS, collate, map_tensors
 from dq.calib.quantize import QuantPlan
-from dq.calib.sequential import BLOCK_PREFIX, GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
+from dq.calib.sequential import GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, mount, trace_block_flow
 from dq.calib.state import quant_state
 from dq.calib.timestep import attach_timestep_hook, grouped_quantizers
 from dq.errors import DQError
@@ -198,12 +198,15 @@ class _Replaying:
 class GlueDenoiser(nn.Module):
     """The denoiser with every block replaying its stored outputs, called as a denoiser on keyword arguments
     only (`timestep` for the quantizers, `sample`: each row's sample index, `stream`: whose outputs the blocks
-    replay), to calibrate the glue's layers."""
+    replay), to calibrate the glue's layers. The denoiser's children are mounted at their own names (as the
+    block in a BlockDenoiser), so the glue's layers keep their names."""
 
     def __init__(self, denoiser: nn.Module, replaying: _Replaying, streams: dict[str, _Outputs]) -> None:
         super().__init__()
         self.replay_dtype = nn.Parameter(torch.empty(0), requires_grad=False)  # see BlockDenoiser
-        self.denoiser = denoiser
+        for name, child in denoiser.named_children():
+            mount(self, name, child)
+        object.__setattr__(self, "denoiser", denoiser)  # called, not registered: its children are
         self.replaying = replaying
         self.streams = streams
 
@@ -398,7 +401,7 @@ def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: Qua
     float block (before calibration), WEIGHTS from the calibrated block in simulation (before deployment,
     activation quantizers off), QUANTIZED from the deployed block; returns its layers' plans."""
     block = checkpoint.load_module(name)
-    model = BlockDenoiser(block, torch.float32)
+    model = BlockDenoiser(name, block, torch.float32)
     if FLOAT in streams:  # a prelude layer inside is already swapped: quant_state turns it off too
         _store_outputs(model, name, data, streams[FLOAT], keep, FLOAT)
     quantize_model(model, recipe, data, block_plan(plan, name))
@@ -409,8 +412,7 @@ def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: Qua
     _store_outputs(model, name, data, streams[QUANTIZED], keep, QUANTIZED)
     _save_tensors(work / "blocks" / f"{name}.safetensors", {f"{name}.{k}": v for k, v in block.state_dict().items()})
     _free(block)
-    cut = len(BLOCK_PREFIX) + 1
-    return {f"{name}.{n[cut:]}": plan_of(layer).to_dict() for n, layer in quant_layers(model)}
+    return {n: plan_of(layer).to_dict() for n, layer in quant_layers(model)}
 
 
 def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, recipe: Recipe, glue: QuantPlan,
@@ -419,9 +421,8 @@ def _quantize_glue(skeleton: nn.Module, blocks: dict[str, nn.Module], flow: Bloc
     the prelude's layers there."""
     with _Replaying(blocks, flow.order, streams[QUANTIZED], set(flow.sources.get(GLUE, []))) as replaying:
         model = GlueDenoiser(skeleton, replaying, streams)
-        prefixed = {f"denoiser.{n}": p for n, p in glue.selection.plans.items()}
-        if prefixed:
-            quantize_model(model, recipe, glue_data(data, list(streams)), QuantPlan(LayerSelection(prefixed, {}), glue.calibrator))
+        if glue.selection.plans:
+            quantize_model(model, recipe, glue_data(data, list(streams)), glue)
     deploy_all(skeleton)
     names = list(blocks)
     _save_tensors(work / "glue.safetensors", {k: v for k, v in skeleton.state_dict().items() if not in_blocks(k, names)})
