@@ -7,6 +7,7 @@ run, same prompts and seeds: FID (domain-CLIP features) and PSNR, plus quantizat
 
     python benchmarks/sequential_quality.py                      # ref-sd and ref-pixart, 32 prompts
     python benchmarks/sequential_quality.py --models ref-pixart --recipes svdquant-w4a4 --prompts 8
+    python benchmarks/sequential_quality.py --recipes w4a8-qdiffusion --method-seed 1   # another draw of batch orders
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ RECIPES = ["w4a8-timestep", "w8a8-ptq4dm", "w4a8-qdiffusion", "w4a8-tfmq", "smoo
            "svdquant-w4a8", "svdquant-w4a4-gptq", "svdquant-nvfp4"]
 
 
-def _recipe(name: str, iters: int | None, act_iters: int | None) -> dq.Recipe:
+def _recipe(name: str, iters: int | None, act_iters: int | None, method_seed: int | None) -> dq.Recipe:
     recipe = load_recipe(name)
     overrides = {k: v for k, v in (("iters", iters), ("act_iters", act_iters)) if v is not None and k in recipe.options}
+    if method_seed is not None:
+        overrides["seed"] = method_seed  # refused by methods without random draws (dq.DQError: unknown option)
     return dataclasses.replace(recipe, options={**recipe.options, **overrides})
 
 
@@ -67,7 +70,7 @@ def run_model(name: str, args, clip, save) -> dict:
     result = {"rows": []}
     pipeline_cls = type(reference.load(name))
     for recipe_name in args.recipes:
-        recipe = _recipe(recipe_name, args.iters, args.act_iters)
+        recipe = _recipe(recipe_name, args.iters, args.act_iters, args.method_seed)
         row = {"recipe": recipe_name}
 
         def in_memory(seed: int):
@@ -97,10 +100,15 @@ def run_model(name: str, args, clip, save) -> dict:
     return result
 
 
+def _method_seed(settings: dict) -> str:
+    seed = settings.get("method_seed")
+    return "" if seed is None else f"; recipe seed {seed} (reconstruction's batch orders)"
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"# Block-sequential vs in-memory calibration ({s['machine']}, {s['date']}; {s['prompts']} held-out prompts, "
-             f"{s['steps']} steps, {s['calib_samples']} calibration prompts)", "",
+             f"{s['steps']} steps, {s['calib_samples']} calibration prompts{_method_seed(s)})", "",
              "FID (domain-CLIP features) and PSNR of each quantized pipeline's images against the FP pipeline's, same run. "
              "Noise: in-memory calibration seed 0 vs seed 1. Sequential: `dq.pipelines.sequential` from the pipeline "
              "directory, seed 0. Peak: RSS high-water mark of the quantization step.", ""]
@@ -121,6 +129,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME = ("prompts", "steps", "calib_samples", "iters", "act_iters", "method_seed", "batch")  # settings rows share
+
+
+def _kept_rows(stem: Path, settings: dict) -> dict[str, list[dict]]:
+    """model -> its rows in the results at `stem`, which must have been measured with the same settings."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        raise SystemExit(f"--update: no results at {path} to update; run without --update first.")
+    old = json.loads(path.read_text())
+    differ = [k for k in SAME if old["settings"].get(k) != settings[k]]
+    if differ:
+        raise SystemExit(f"--update: {path} was measured with other {', '.join(differ)}; rerun every recipe instead.")
+    settings["recipes"] = list(dict.fromkeys([*old["settings"]["recipes"], *settings["recipes"]]))
+    settings["models"] = list(dict.fromkeys([*old["settings"]["models"], *settings["models"]]))
+    return {name: res["rows"] for name, res in old["models"].items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=["ref-sd", "ref-pixart"])
@@ -130,17 +155,25 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--iters", type=int, default=200, help="AdaRound iterations of the reconstruction recipes (both paths)")
     p.add_argument("--act-iters", type=int, default=50, help="LSQ iterations of the reconstruction recipes (both paths)")
+    p.add_argument("--method-seed", type=int, default=None,
+                   help="the recipe's own seed option (reconstruction's batch orders) in every run; default: the recipe's")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "sequential_quality_cpu"))
+    p.add_argument("--update", action="store_true",
+                   help="rerun only --recipes and keep the other rows of the results at --out (same settings)")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    clip = reference.domain_clip()
-    results = {"settings": {**vars(args), "machine": cpu_name(), "date": str(date.today()),
-                            "threads": torch.get_num_threads()}, "models": {}}
     stem = Path(args.out)
+    settings = {**vars(args), "machine": cpu_name(), "date": str(date.today()), "threads": torch.get_num_threads()}
+    kept = _kept_rows(stem, settings) if args.update else {}
+    clip = reference.domain_clip()
+    results = {"settings": settings, "models": {name: {"rows": rows} for name, rows in kept.items()}}
 
     def save(model_result: dict, name: str) -> None:
-        results["models"][name] = model_result
+        fresh = {r["recipe"]: r for r in model_result["rows"]}
+        old = kept.get(name, [])
+        rows = [fresh.pop(r["recipe"], r) for r in old] + list(fresh.values())
+        results["models"][name] = {**model_result, "rows": rows}
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         stem.with_suffix(".md").write_text(markdown(results))
 

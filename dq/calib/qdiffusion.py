@@ -14,7 +14,8 @@ Following q-diffusion's code (see the anchors):
    MSE + 0.01 * rounding regulariser (beta 20 -> 2, 20% warm-up). Activations stay in float here.
 5. Activation scales: per-tensor Lp (p=2.4) search on calibration activations (per timestep group
    when `timestep_groups` > 1), then LSQ: the step sizes of each unit learned against the FP output
-   with activations quantized (Adam, lr 4e-4).
+   with activations quantized (Adam, lr 4e-4 cosine-annealed to 0 over the iterations, as the
+   reference code's block_reconstruction anneals it).
 
 The paper runs 20k AdaRound and 5k LSQ iterations per unit on a GPU (23 GPU-hours for W4A8 LDM
 Bedrooms); the defaults here (`iters`, `act_iters`) are small enough for CPU minutes on the
@@ -64,14 +65,14 @@ class ReconConfig(CalibratorConfig):
         iters: AdaRound iterations per unit (paper: 20000).
         act_iters: LSQ iterations per unit (paper: 5000); 0 = observer scales only.
         lr: AdaRound alpha learning rate; BRECQ uses 1e-3 over 20k iterations, too slow to move alpha in 200.
-        act_lr: LSQ step-size learning rate.
+        act_lr: LSQ step-size learning rate at the start (cosine-annealed to 0).
         reg, b_start, b_end, warmup: the rounding regulariser's weight and temperature decay.
         batch_size: calibration samples per reconstruction batch (x2 rows with CFG).
         recon_samples: calibration samples used for reconstruction (bounds memory).
         weight_observer, act_observer: initial range observers (Lp 2.4 in Q-Diffusion).
         timestep_groups: static activation scale sets over timestep intervals.
         split_shortcut, split_conv1: separate quantizers for the two halves of the decoder's cat([h, skip]).
-        seed: seed of the batch order.
+        seed: seed of the batch orders (each unit draws its own, keyed by its name: `unit_rng`).
     """
 
     sampling: ClassVar[Sampling | None] = Sampling.UNIFORM
@@ -227,7 +228,8 @@ def _adaround_unit(module: nn.Module, members: dict[str, nn.Module], batches: li
 
 
 def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: CalibData, opts: ReconConfig) -> None:
-    """LSQ: learn each unit's static activation step sizes against the FP output (acts quantized)."""
+    """LSQ: learn each unit's static activation step sizes against the FP output (acts quantized), Adam with
+    the learning rate cosine-annealed to 0 (Q-Diffusion's block_reconstruction)."""
     if opts.act_iters == 0:
         return
     units = recon_units(denoiser, layers)
@@ -246,6 +248,7 @@ def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: Ca
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=opts.act_lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=opts.act_iters, eta_min=0.0)
         rng = unit_rng(opts.seed, "lsq", name)
         try:
             with quant_state(module, weights=True, acts=True), torch.enable_grad():
@@ -254,6 +257,7 @@ def learn_act_scales(denoiser: nn.Module, layers: dict[str, nn.Module], data: Ca
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    schedule.step()
                     with torch.no_grad():
                         for p in params:
                             p.clamp_(min=1e-8)
