@@ -1,4 +1,5 @@
-"""AdaRound: learned rounding lowers block-output error, and deploy packs the learned codes."""
+"""AdaRound: learned rounding lowers block-output error, and deploy packs the learned codes; LSQ step sizes
+lower it from the observer's."""
 
 import random
 
@@ -8,10 +9,13 @@ from torch import nn
 
 from dq.calib.adaround import AdaRound, attach_adaround
 from dq.calib.capture import Captured
-from dq.calib.qdiffusion import QDiffusionConfig, _adaround_unit
+from dq.calib.data import CalibData, CalibSample
+from dq.calib.qdiffusion import QDiffusionConfig, _adaround_unit, frozen_parameters, learn_act_scales
+from dq.calib.state import quant_state
+from dq.calib.timestep import calibrate_activations
 from dq.errors import DQError
-from dq.nn import QuantLinear, swap_layers, LayerPlan
-from dq.quant import PerChannel, QuantSpec
+from dq.nn import LayerPlan, QuantLinear, swap_layers
+from dq.quant import PerChannel, PerTensor, QuantSpec
 
 
 def _block():
@@ -75,8 +79,34 @@ def test_adaround_refuses_float_formats_and_unknown_layer_kinds():
 
 
 def test_unknown_recipe_option_is_named():
-    from dq.recipes import load_recipe
     import dataclasses
+
+    from dq.recipes import load_recipe
 
     with pytest.raises(DQError, match=r"method 'qdiffusion': unknown option\(s\) \['iterations'\]; allowed: .*'act_iters'"):
         dataclasses.replace(load_recipe("w4a8-qdiffusion"), options={"iterations": 5})
+
+
+def test_lsq_step_sizes_lower_the_unit_loss_from_the_observer_scales():
+    """Q-Diffusion's LSQ (learn_act_scales) trains the static activation step sizes that an observer set:
+    from min-max 4-bit ranges, which clip nothing and round coarsely, it lowers the output error."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    act = QuantSpec("int4", PerTensor(), symmetric=False)
+    layers = swap_layers(block, {n: LayerPlan("linear", QuantSpec("int8", PerChannel()), act) for n in ("0", "2")})
+    x = torch.randn(64, 32) * torch.linspace(0.2, 3.0, 32)
+    x[0, 0] = 40.0  # one outlier stretches the min-max range
+    data = CalibData([CalibSample(0, 500.0, i, (xb.half(),), {}, len(xb)) for i, xb in enumerate(x.split(8))], [500.0])
+    calibrate_activations(block, layers, data, "minmax")
+
+    def error() -> float:
+        with torch.no_grad():
+            with quant_state(block, weights=False, acts=False):
+                target = block(x.half().float())
+            with quant_state(block, weights=True, acts=True):
+                return float((block(x.half().float()) - target).pow(2).mean())
+
+    before = error()
+    with frozen_parameters(block):
+        learn_act_scales(block, layers, data, QDiffusionConfig(act_iters=60, act_lr=0.05, batch_size=2, recon_samples=8))
+    assert error() < 0.7 * before
