@@ -82,12 +82,12 @@ def block_inputs(timesteps: torch.Tensor, args: tuple, kwargs: dict) -> dict:
     return {"timestep": timesteps, "block_args": args, "block_kwargs": kwargs}
 
 
-def block_plan(plan: QuantPlan, block: str) -> QuantPlan:
-    """`plan`'s layers inside `block`, with its calibrator."""
-    def inside(names: dict) -> dict:
-        return {n: v for n, v in names.items() if in_blocks(n, [block])}
+def _restricted(plan: QuantPlan, keep: Callable[[str], bool]) -> QuantPlan:
+    """`plan` with only the layers (planned and skipped) whose names `keep` accepts, with its calibrator."""
+    def kept(names: dict) -> dict:
+        return {n: v for n, v in names.items() if keep(n)}
 
-    return QuantPlan(LayerSelection(inside(plan.selection.plans), inside(plan.selection.skipped)), plan.calibrator)
+    return QuantPlan(LayerSelection(kept(plan.selection.plans), kept(plan.selection.skipped)), plan.calibrator)
 
 
 def in_blocks(name: str, blocks: list[str]) -> bool:
@@ -95,12 +95,14 @@ def in_blocks(name: str, blocks: list[str]) -> bool:
     return any(name.startswith(b + ".") for b in blocks)
 
 
+def block_plan(plan: QuantPlan, block: str) -> QuantPlan:
+    """`plan`'s layers inside `block`, with its calibrator."""
+    return _restricted(plan, lambda n: in_blocks(n, [block]))
+
+
 def glue_plan(plan: QuantPlan, blocks: list[str]) -> QuantPlan:
     """`plan`'s layers that lie in no block, with its calibrator."""
-    def outside(names: dict) -> dict:
-        return {n: v for n, v in names.items() if not in_blocks(n, blocks)}
-
-    return QuantPlan(LayerSelection(outside(plan.selection.plans), outside(plan.selection.skipped)), plan.calibrator)
+    return _restricted(plan, lambda n: not in_blocks(n, blocks))
 
 
 GLUE = "glue"

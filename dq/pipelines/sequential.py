@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
 from dq.calib.data import FLOAT, QUANT_STATES, QUANTIZED, WEIGHTS, collate, map_tensors
 from dq.calib.quantize import QuantPlan
-from dq.calib.sequential import GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, mount, trace_block_flow
+from dq.calib.sequential import GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
 from dq.calib.state import quant_state
 from dq.calib.timestep import attach_timestep_hook, grouped_quantizers
 from dq.errors import DQError
@@ -205,7 +205,7 @@ class GlueDenoiser(nn.Module):
         super().__init__()
         self.replay_dtype = nn.Parameter(torch.empty(0), requires_grad=False)  # see BlockDenoiser
         for name, child in denoiser.named_children():
-            mount(self, name, child)
+            self.add_module(name, child)
         object.__setattr__(self, "denoiser", denoiser)  # called, not registered: its children are
         self.replaying = replaying
         self.streams = streams
