@@ -1,13 +1,16 @@
 """Block-sequential calibration vs in-memory dq.quantize, every calibrated recipe, on the reference pipelines.
 
-For each calibrated bundled recipe and each reference pipeline: quantize in memory (calibration seed 0 and
-seed 1: the seed-to-seed spread is the run-to-run noise), and block-sequentially from the pipeline directory
-(`dq.pipelines.sequential`, seed 0, same calibration settings). Quality against the FP pipeline of the same
-run, same prompts and seeds: FID (domain-CLIP features) and PSNR, plus quantization time and peak memory.
+For each calibrated bundled recipe and each reference pipeline, `--draws` independent draws of both paths:
+draw d calibrates with calibration seed d and, for methods with random draws (reconstruction's batch orders),
+recipe seed d, once in memory (`dq.quantize`) and once block-sequentially from the pipeline directory
+(`dq.pipelines.sequential`), same settings. Quality against the FP pipeline of the same run, same prompts and
+seeds: FID (domain-CLIP features) and PSNR, plus quantization time and peak memory. The run-to-run noise is
+the draw-to-draw spread: the block-sequential mean is within noise when it differs from the in-memory mean
+by at most two standard errors of the difference (Welch, sample variances of the draws).
 
-    python benchmarks/sequential_quality.py                      # ref-sd and ref-pixart, 32 prompts
-    python benchmarks/sequential_quality.py --models ref-pixart --recipes svdquant-w4a4 --prompts 8
-    python benchmarks/sequential_quality.py --recipes w4a8-qdiffusion --method-seed 1   # another draw of batch orders
+    python benchmarks/sequential_quality.py                      # ref-sd and ref-pixart, 32 prompts, 3 draws
+    python benchmarks/sequential_quality.py --models ref-pixart --recipes svdquant-w4a4 --prompts 8 --draws 2
+    python benchmarks/sequential_quality.py --models ref-pixart --recipes w4a8-tfmq --update   # add rows
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +29,7 @@ import torch
 
 import dq
 from dq import reference
+from dq.calib import METHODS
 from dq.metrics import peak_memory, to_float
 from dq.metrics.perf import cpu_name
 from dq.pipelines.sequential import sequential_quantize
@@ -36,14 +41,20 @@ from calibrators import generate, quality  # noqa: E402  the calibrator benchmar
 RESULTS = Path(__file__).parent / "results"
 RECIPES = ["w4a8-timestep", "w8a8-ptq4dm", "w4a8-qdiffusion", "w4a8-tfmq", "smoothquant-w4a4", "svdquant-w4a4",
            "svdquant-w4a8", "svdquant-w4a4-gptq", "svdquant-nvfp4"]
+HIGHER_IS_BETTER = {"fid_vs_fp": False, "psnr": True}
 
 
-def _recipe(name: str, iters: int | None, act_iters: int | None, method_seed: int | None) -> dq.Recipe:
+def _recipe(name: str, iters: int | None, act_iters: int | None) -> dq.Recipe:
     recipe = load_recipe(name)
     overrides = {k: v for k, v in (("iters", iters), ("act_iters", act_iters)) if v is not None and k in recipe.options}
-    if method_seed is not None:
-        overrides["seed"] = method_seed  # refused by methods without random draws (dq.DQError: unknown option)
     return dataclasses.replace(recipe, options={**recipe.options, **overrides})
+
+
+def _drawn(recipe: dq.Recipe, draw: int) -> dq.Recipe:
+    """`recipe` with its method's own seed set to `draw`, where the method has one."""
+    if "seed" not in {f.name for f in dataclasses.fields(METHODS.get(recipe.method))}:
+        return recipe
+    return dataclasses.replace(recipe, options={**recipe.options, "seed": draw})
 
 
 def _calib(name: str, args, seed: int) -> dq.CalibConfig:
@@ -63,73 +74,96 @@ def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes}
 
 
-def run_model(name: str, args, clip, save) -> dict:
+def run_model(name: str, args, clip, save) -> None:
     prompts = reference.prompts("heldout", args.prompts)
     real = to_float(reference.real_samples(prompts))
     fp = generate(reference.load(name), name, prompts, args.steps, args.batch)
-    result = {"rows": []}
     pipeline_cls = type(reference.load(name))
     for recipe_name in args.recipes:
-        recipe = _recipe(recipe_name, args.iters, args.act_iters, args.method_seed)
-        row = {"recipe": recipe_name}
+        base = _recipe(recipe_name, args.iters, args.act_iters)
+        row = {"recipe": recipe_name, "memory": [], "sequential": []}
+        for draw in range(args.draws):
+            recipe, calib = _drawn(base, draw), _calib(name, args, draw)
 
-        def in_memory(seed: int):
-            pipe = reference.load(name)
-            dq.quantize(pipe, recipe, calib=_calib(name, args, seed))
-            return pipe
+            def in_memory():
+                pipe = reference.load(name)
+                dq.quantize(pipe, recipe, calib=calib)
+                return pipe
 
-        row["memory"] = _measure(lambda: in_memory(0), name, prompts, args, fp, real, clip)
-        row["memory_seed1"] = _measure(lambda: in_memory(1), name, prompts, args, fp, real, clip)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "q"
+            row["memory"].append(_measure(in_memory, name, prompts, args, fp, real, clip))
+            save(row)
+            if "refused" not in row:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "q"
 
-            def block_sequential():
-                sequential_quantize(reference.path(name), recipe, out, calib=_calib(name, args, 0))
-                return pipeline_cls.from_pretrained(out, dtype=torch.float32)
+                    def block_sequential():
+                        sequential_quantize(reference.path(name), recipe, out, calib=calib)
+                        return pipeline_cls.from_pretrained(out, dtype=torch.float32)
 
-            try:
-                row["sequential"] = _measure(block_sequential, name, prompts, args, fp, real, clip)
-            except dq.DQError as e:
-                row["sequential"] = {"refused": str(e)}
-        result["rows"].append(row)
-        save(result)
-        seq = row["sequential"]
-        print(f"{name} {recipe_name:<20} FIDvsFP mem {row['memory']['fid_vs_fp']:.3f} / seed1 {row['memory_seed1']['fid_vs_fp']:.3f} / "
-              f"seq {seq.get('fid_vs_fp', float('nan')):.3f}   PSNR mem {row['memory']['psnr']:.2f} / seed1 "
-              f"{row['memory_seed1']['psnr']:.2f} / seq {seq.get('psnr', float('nan')):.2f}", flush=True)
-    return result
+                    try:
+                        row["sequential"].append(_measure(block_sequential, name, prompts, args, fp, real, clip))
+                    except dq.DQError as e:
+                        row["refused"] = str(e)
+                save(row)
+            m, q = row["memory"][-1], row["sequential"][draw] if len(row["sequential"]) > draw else {}
+            print(f"{name} {recipe_name:<20} draw {draw}  FIDvsFP mem {m['fid_vs_fp']:.3f} / seq {q.get('fid_vs_fp', float('nan')):.3f}"
+                  f"   PSNR mem {m['psnr']:.2f} / seq {q.get('psnr', float('nan')):.2f}", flush=True)
 
 
-def _method_seed(settings: dict) -> str:
-    seed = settings.get("method_seed")
-    return "" if seed is None else f"; recipe seed {seed} (reconstruction's batch orders)"
+def compare(memory: list[float], sequential: list[float], higher_is_better: bool) -> dict:
+    """Difference of the block-sequential mean from the in-memory mean, its noise bound (2 standard errors, Welch)
+    and the verdict: "within" noise, or "better" / "worse" beyond it."""
+    delta = statistics.fmean(sequential) - statistics.fmean(memory)
+    if min(len(memory), len(sequential)) < 2:
+        return {"delta": delta, "bound": None, "verdict": "one draw"}
+    bound = 2 * (statistics.variance(memory) / len(memory) + statistics.variance(sequential) / len(sequential)) ** 0.5
+    if abs(delta) <= bound:
+        verdict = "within"
+    else:
+        verdict = "better" if (delta > 0) == higher_is_better else "worse"
+    return {"delta": delta, "bound": bound, "verdict": verdict}
+
+
+def _spread(values: list[float], digits: int) -> str:
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _compared(row: dict, metric: str, digits: int) -> list[str]:
+    memory = [m[metric] for m in row["memory"]]
+    if not row["sequential"]:
+        return [_spread(memory, digits), "refused" if "refused" in row else "-", "-"]
+    sequential = [q[metric] for q in row["sequential"]]
+    c = compare(memory, sequential, HIGHER_IS_BETTER[metric])
+    noise = "" if c["bound"] is None else f" ± {c['bound']:.{digits}f}"
+    return [_spread(memory, digits), _spread(sequential, digits), f"{c['delta']:+.{digits}f}{noise}: {c['verdict']}"]
+
+
+def _cost(row: dict, key: str, scale: float) -> str:
+    """Mean of `key` over the draws, in memory / block-sequential."""
+    return " / ".join(f"{statistics.fmean(r[key] for r in row[path]) / scale:.0f}" if row[path] else "-" for path in ("memory", "sequential"))
 
 
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"# Block-sequential vs in-memory calibration ({s['machine']}, {s['date']}; {s['prompts']} held-out prompts, "
-             f"{s['steps']} steps, {s['calib_samples']} calibration prompts{_method_seed(s)})", "",
+             f"{s['steps']} steps, {s['calib_samples']} calibration prompts, {s['draws']} draws)", "",
              "FID (domain-CLIP features) and PSNR of each quantized pipeline's images against the FP pipeline's, same run. "
-             "Noise: in-memory calibration seed 0 vs seed 1. Sequential: `dq.pipelines.sequential` from the pipeline "
-             "directory, seed 0. Peak: RSS high-water mark of the quantization step.", ""]
+             "Draw d: calibration seed d and, for methods with random draws, recipe seed d, on both paths. Cells: mean over "
+             "the draws (min-max). Δ: block-sequential mean minus in-memory mean ± two standard errors of that difference "
+             "(the run-to-run noise); 'within' when |Δ| is inside it. Sequential: `dq.pipelines.sequential` from the "
+             "pipeline directory. Time and peak (RSS high-water mark) of the quantization step, mean over the draws.", ""]
     for name, res in results["models"].items():
-        lines += [f"## {name}", "", "| recipe | FID vs FP: in memory | seed 1 | block-sequential | PSNR: in memory | seed 1 | "
-                  "block-sequential | time s: in memory / sequential | peak MiB: in memory / sequential |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "", "| recipe | FID vs FP: in memory | block-sequential | Δ | PSNR: in memory | block-sequential | Δ | "
+                  "time s: in memory / sequential | peak MiB: in memory / sequential |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            m, m1, q = r["memory"], r["memory_seed1"], r["sequential"]
-            if "refused" in q:
-                seq_fid = seq_psnr = "refused"
-                seq_time = seq_peak = "-"
-            else:
-                seq_fid, seq_psnr, seq_time, seq_peak = f"{q['fid_vs_fp']:.3f}", f"{q['psnr']:.2f}", f"{q['seconds']:.0f}", f"{q['peak_bytes'] / 2**20:.0f}"
-            lines.append(f"| {r['recipe']} | {m['fid_vs_fp']:.3f} | {m1['fid_vs_fp']:.3f} | {seq_fid} | {m['psnr']:.2f} | {m1['psnr']:.2f} | "
-                         f"{seq_psnr} | {m['seconds']:.0f} / {seq_time} | {m['peak_bytes'] / 2**20:.0f} / {seq_peak} |")
-        refused = [r for r in res["rows"] if "refused" in r["sequential"]]
-        lines += [""] + [f"{r['recipe']}: {r['sequential']['refused']}" for r in refused] + [""]
+            cells = [r["recipe"], *_compared(r, "fid_vs_fp", 3), *_compared(r, "psnr", 2), _cost(r, "seconds", 1), _cost(r, "peak_bytes", 2**20)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [""] + [f"{r['recipe']}: {r['refused']}" for r in res["rows"] if "refused" in r] + [""]
     return "\n".join(lines) + "\n"
 
 
-SAME = ("prompts", "steps", "calib_samples", "iters", "act_iters", "method_seed", "batch")  # settings rows share
+SAME = ("prompts", "steps", "calib_samples", "iters", "act_iters", "draws", "batch")  # settings rows share
 
 
 def _kept_rows(stem: Path, settings: dict) -> dict[str, list[dict]]:
@@ -155,8 +189,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--iters", type=int, default=200, help="AdaRound iterations of the reconstruction recipes (both paths)")
     p.add_argument("--act-iters", type=int, default=50, help="LSQ iterations of the reconstruction recipes (both paths)")
-    p.add_argument("--method-seed", type=int, default=None,
-                   help="the recipe's own seed option (reconstruction's batch orders) in every run; default: the recipe's")
+    p.add_argument("--draws", type=int, default=3, help="independent draws of each path (calibration and recipe seed 0..N-1)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "sequential_quality_cpu"))
     p.add_argument("--update", action="store_true",
@@ -169,16 +202,19 @@ def main() -> None:
     clip = reference.domain_clip()
     results = {"settings": settings, "models": {name: {"rows": rows} for name, rows in kept.items()}}
 
-    def save(model_result: dict, name: str) -> None:
-        fresh = {r["recipe"]: r for r in model_result["rows"]}
-        old = kept.get(name, [])
-        rows = [fresh.pop(r["recipe"], r) for r in old] + list(fresh.values())
-        results["models"][name] = {**model_result, "rows": rows}
+    def save(name: str, row: dict) -> None:
+        """Put `row` in place of the row of the same recipe (or last), and write the results."""
+        rows = results["models"].setdefault(name, {"rows": []})["rows"]
+        same = [i for i, r in enumerate(rows) if r["recipe"] == row["recipe"]]
+        if same:
+            rows[same[0]] = row
+        else:
+            rows.append(row)
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         stem.with_suffix(".md").write_text(markdown(results))
 
     for name in args.models:
-        run_model(name, args, clip, lambda r, n=name: save(r, n))
+        run_model(name, args, clip, lambda row, n=name: save(n, row))
     print(markdown(results))
 
 
