@@ -10,7 +10,8 @@ by at most two standard errors of the difference (Welch, sample variances of the
 
     python benchmarks/sequential_quality.py                      # ref-sd and ref-pixart, 32 prompts, 3 draws
     python benchmarks/sequential_quality.py --models ref-pixart --recipes svdquant-w4a4 --prompts 8 --draws 2
-    python benchmarks/sequential_quality.py --models ref-pixart --recipes w4a8-tfmq --update   # add rows
+    python benchmarks/sequential_quality.py --models ref-pixart --recipes w4a8-tfmq --update   # add or rerun rows
+    python benchmarks/sequential_quality.py --resume             # an interrupted run continues at its first missing draw
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes}
 
 
-def run_model(name: str, args, clip, save) -> None:
+def run_model(name: str, args, clip, save, measured: list[dict]) -> None:
+    """Measure every recipe's draws on `name`, saving after each; `measured`: rows whose draws are kept (--resume)."""
     prompts = reference.prompts("heldout", args.prompts)
     real = to_float(reference.real_samples(prompts))
     fp = generate(reference.load(name), name, prompts, args.steps, args.batch)
     pipeline_cls = type(reference.load(name))
     for recipe_name in args.recipes:
         base = _recipe(recipe_name, args.iters, args.act_iters)
-        row = {"recipe": recipe_name, "memory": [], "sequential": []}
+        row = next((r for r in measured if r["recipe"] == recipe_name), {"recipe": recipe_name, "memory": [], "sequential": []})
         for draw in range(args.draws):
             recipe, calib = _drawn(base, draw), _calib(name, args, draw)
 
@@ -90,9 +92,10 @@ def run_model(name: str, args, clip, save) -> None:
                 dq.quantize(pipe, recipe, calib=calib)
                 return pipe
 
-            row["memory"].append(_measure(in_memory, name, prompts, args, fp, real, clip))
-            save(row)
-            if "refused" not in row:
+            if len(row["memory"]) == draw:
+                row["memory"].append(_measure(in_memory, name, prompts, args, fp, real, clip))
+                save(row)
+            if len(row["sequential"]) == draw and "refused" not in row:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "q"
 
@@ -105,7 +108,7 @@ def run_model(name: str, args, clip, save) -> None:
                     except dq.DQError as e:
                         row["refused"] = str(e)
                 save(row)
-            m, q = row["memory"][-1], row["sequential"][draw] if len(row["sequential"]) > draw else {}
+            m, q = row["memory"][draw], row["sequential"][draw] if len(row["sequential"]) > draw else {}
             print(f"{name} {recipe_name:<20} draw {draw}  FIDvsFP mem {m['fid_vs_fp']:.3f} / seq {q.get('fid_vs_fp', float('nan')):.3f}"
                   f"   PSNR mem {m['psnr']:.2f} / seq {q.get('psnr', float('nan')):.2f}", flush=True)
 
@@ -194,11 +197,13 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "sequential_quality_cpu"))
     p.add_argument("--update", action="store_true",
                    help="rerun only --recipes and keep the other rows of the results at --out (same settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the results at --out (same settings): keep every measured draw, measure the missing ones")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     stem = Path(args.out)
     settings = {**vars(args), "machine": cpu_name(), "date": str(date.today()), "threads": torch.get_num_threads()}
-    kept = _kept_rows(stem, settings) if args.update else {}
+    kept = _kept_rows(stem, settings) if args.update or args.resume else {}
     clip = reference.domain_clip()
     results = {"settings": settings, "models": {name: {"rows": rows} for name, rows in kept.items()}}
 
@@ -214,7 +219,7 @@ def main() -> None:
         stem.with_suffix(".md").write_text(markdown(results))
 
     for name in args.models:
-        run_model(name, args, clip, lambda row, n=name: save(n, row))
+        run_model(name, args, clip, lambda row, n=name: save(n, row), kept.get(name, []) if args.resume else [])
     print(markdown(results))
 
 
