@@ -173,11 +173,11 @@ def _kept_rows(stem: Path, settings: dict) -> dict[str, list[dict]]:
     """model -> its rows in the results at `stem`, which must have been measured with the same settings."""
     path = stem.with_suffix(".json")
     if not path.is_file():
-        raise SystemExit(f"--update: no results at {path} to update; run without --update first.")
+        raise SystemExit(f"--update, --resume: no results at {path}; run without them first.")
     old = json.loads(path.read_text())
     differ = [k for k in SAME if old["settings"].get(k) != settings[k]]
     if differ:
-        raise SystemExit(f"--update: {path} was measured with other {', '.join(differ)}; rerun every recipe instead.")
+        raise SystemExit(f"--update, --resume: {path} was measured with other {', '.join(differ)}; rerun every recipe instead.")
     settings["recipes"] = list(dict.fromkeys([*old["settings"]["recipes"], *settings["recipes"]]))
     settings["models"] = list(dict.fromkeys([*old["settings"]["models"], *settings["models"]]))
     return {name: res["rows"] for name, res in old["models"].items()}
