@@ -3,13 +3,15 @@
 # against the reference, the kernel table on FLUX
 # shapes, and the FLUX.1-dev and PixArt-Sigma pipeline tables (random weights, 1024x1024, batch 1); results
 # (with GPU name, clocks, library versions and date) land in $OUT.
-# usage (device machine): bash benchmarks/gpu_run.sh [kernel-bench args...]
+# usage: here `bash benchmarks/gpu_prepare.sh` (the wheels, into .whl/), then on the device machine, with
+# carry [".whl"]: bash benchmarks/gpu_run.sh [kernel-bench args...]
 #   KTIME/PTIME/XTIME: seconds for the kernel table / FLUX / PixArt (defaults 140 / 180 / 70; the tuning: 80)
 #   PIPE_RECIPES: the pipeline recipes (benchmarks/pipeline.py)
 set -o pipefail
 export PYTHONUNBUFFERED=1
-mkdir -p /tmp/site && tar xzf .whl/diffusers-0.42.1-py.tar.gz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-ls .whl/torchao-*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/torchao-*.whl   # the peers (optional)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "no wheels in .whl/: run benchmarks/gpu_prepare.sh here and carry .whl"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv | tee $OUT/gpu.txt
 RECIPES=${PIPE_RECIPES:-bf16,w8a8_fp8,w4a8_pg,w4a8_pg_lr,w4a4_lr,torchao_fp8}
 timeout 80 python3 benchmarks/kernels.py --tune $OUT/tuned 2>&1 | tee $OUT/tune_log.txt   # commit $OUT/tuned/*.json to dq/kernels/tuned/
