@@ -80,8 +80,9 @@ class Calibrator(ABC, Generic[C]):
 
     streams: ClassVar[tuple[str, ...]] = ()
     """The block-input streams (dq.calib.data) the method replays besides the quantized model's: block-sequential
-    calibration carries each block's inputs in those quantization states of the whole model. BRECQ-style
-    reconstruction (Q-Diffusion, TFMQ) takes FLOAT (its targets) and WEIGHTS (its weight-phase inputs)."""
+    calibration carries each block's inputs in those quantization states of the whole model, so every block is
+    calibrated on what the whole model gives it in memory. BRECQ-style reconstruction (Q-Diffusion, TFMQ) takes
+    FLOAT (its targets) and WEIGHTS (its weight-phase inputs); range observers take WEIGHTS; SVDQuant FLOAT."""
 
     def __init__(self, config: C) -> None:
         self.config = config

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 
 from dq.calib.base import Calibrator, Sampling, register_calibrator
-from dq.calib.data import CalibData
+from dq.calib.data import WEIGHTS, CalibData
 from dq.calib.qdiffusion import init_weight_scales
 from dq.calib.timestep import TimestepConfig, calibrate_activations, check_observer
 from dq.nn.base import QuantLayerMixin
@@ -49,6 +49,8 @@ class PTQ4DMConfig(TimestepConfig):
 @register_calibrator(PTQ4DMConfig)
 class PTQ4DMCalibrator(Calibrator[PTQ4DMConfig]):
     """PTQ4DM (Shang et al., CVPR 2023): NDTC data, MSE-searched weight and activation scales."""
+
+    streams = (WEIGHTS,)  # ranges observed with the weights quantized and the activations in float
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         c = self.config

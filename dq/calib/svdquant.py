@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
-from dq.calib.data import CalibData
+from dq.calib.data import FLOAT, CalibData
 from dq.calib.gptq import gptq_quantize
 from dq.calib.smooth import LayerInputs, alpha_beta_grid, capture_layer_inputs, first_guess_alpha, search_smoothing
 from dq.errors import DQError
@@ -357,7 +357,7 @@ def calibrate_layers(
     denoiser: nn.Module, layers: dict[str, QuantLayerMixin], options: SVDQuantConfig, data: CalibData
 ) -> dict[str, UnitResult]:
     """Capture the inputs of every SVDQLinear in `layers` over the calibration data and calibrate them."""
-    svdq = {n: l for n, l in layers.items() if isinstance(l, SVDQLinear)}
+    svdq = {n: layer for n, layer in layers.items() if isinstance(layer, SVDQLinear)}
     if not svdq:
         return {}
     inputs = capture_layer_inputs(denoiser, layers, data, list(svdq), max_tokens=options.max_tokens, batch_size=options.batch_size)
@@ -386,6 +386,8 @@ def calibrate_layers(
 @register_calibrator(SmoothQuantConfig)
 class SVDQuantCalibrator(Calibrator[SVDQuantConfig]):
     """SVDQuant (Li et al., 2024) and SmoothQuant: smoothing + low-rank branch + quantized residual per layer."""
+
+    streams = (FLOAT,)  # smoothing, low rank and GPTQ's Hessian come from the float model's layer inputs
 
     def plan(self, denoiser: nn.Module, selection: LayerSelection, recipe: Recipe) -> None:
         plan_svdq_layers(denoiser, selection, recipe, self.config)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
-from dq.calib.data import CalibData, stream_of
+from dq.calib.data import WEIGHTS, CalibData, stream_of
 from dq.calib.observers import OBSERVERS
 from dq.calib.state import quant_state
 from dq.errors import DQError
@@ -264,6 +264,8 @@ class TimestepConfig(CalibratorConfig):
 @register_calibrator(TimestepConfig)
 class TimestepCalibrator(Calibrator[TimestepConfig]):
     """Min-max (or another observer's) static activation scales, one set per timestep group."""
+
+    streams = (WEIGHTS,)  # ranges observed with the weights quantized and the activations in float
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         c = self.config

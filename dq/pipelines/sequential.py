@@ -15,13 +15,14 @@ calibrated recipe without ever holding the float denoiser in memory:
    with the blocks before it replaying their stored outputs instead of running, and stopped at the block;
    held in memory up to `max_memory`, spilled to disk beyond it. The float block is read, calibrated on
    those inputs by the recipe's calibrator (through `BlockDenoiser`), quantized and packed. Its quantized
-   outputs are stored for the blocks that read them (as GPTQ's and BRECQ's sequential pipelines feed the
-   next block: the quantized model's inputs), its tensors written, and it is freed. Methods that replay
-   other quantization states of the model (`Calibrator.streams`: Q-Diffusion and TFMQ, BRECQ's asymmetric
-   reconstruction) get more streams beside it, as in memory: FLOAT, the float block's outputs on the float
-   model's inputs, from which the targets come; WEIGHTS, the block's outputs with its weights quantized and
-   its activations in float, the inputs of the next blocks' weight reconstruction and activation ranges.
-   The float model is still never resident.
+   outputs are stored for the blocks that read them (the quantized model's inputs, which BRECQ's activation
+   phase replays), its tensors written, and it is freed. Each method also gets the streams of the other
+   quantization states its replays use in memory (`Calibrator.streams`), so a block sees what the whole model
+   in that state gives it: FLOAT, the float block's outputs on the float model's inputs (reconstruction
+   targets; SVDQuant's and SmoothQuant's smoothing, low rank and GPTQ Hessians, which their papers take from
+   the float model); WEIGHTS, the block's outputs with its weights quantized and its activations in float
+   (reconstructed weights' inputs; the activation ranges of Q-Diffusion, TFMQ, PTQ4DM and the timestep
+   observer). The float model is still never resident.
 4. Glue: the layers outside the blocks, calibrated with every block replaying.
 5. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
 

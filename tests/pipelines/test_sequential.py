@@ -75,6 +75,23 @@ def test_block_sequential_is_as_close_to_fp_as_in_memory(tmp_path, family, recip
     assert 0 < error["seq"] < 1.25 * error["mem"], error
 
 
+@pytest.mark.parametrize("recipe,stored", [("w4a8-timestep", "act_quantizer.scale"), ("svdquant-w4a4", "smooth")])
+def test_every_block_is_calibrated_on_the_inputs_the_whole_model_gives_it_in_memory(tmp_path, recipe, stored):
+    """Range observers see the weight-quantized model with float activations, SVDQuant the float model (as
+    dq.quantize replays them), not the quantized blocks before them: the activation scales and the smoothing
+    vectors of every block equal the in-memory ones."""
+    _, _, calib = _saved("pixart", tmp_path / "fp")
+    recipe = _recipe(recipe)
+    sequential_quantize(tmp_path / "fp", recipe, tmp_path / "q", calib=calib)
+    streamed = _load(tmp_path / "q").transformer.state_dict()
+    in_memory = _load(tmp_path / "fp")
+    dq.quantize(in_memory, recipe, calib=calib)
+    expected = {n: t for n, t in in_memory.transformer.state_dict().items() if n.endswith(stored)}
+    assert sum(n.startswith("transformer_blocks.1.") for n in expected) >= 4  # the second block's, after a quantized one
+    for name, value in expected.items():
+        torch.testing.assert_close(streamed[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_reconstruction_learns_the_same_weights_block_by_block_as_in_memory(tmp_path):
     """AdaRound draws each unit's batches in an order keyed by the unit's name, which a block keeps inside its
     BlockDenoiser: reconstructing two blocks one at a time learns the codes the whole denoiser learns (a few
