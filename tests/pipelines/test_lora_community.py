@@ -284,7 +284,7 @@ def test_pixart_lora_through_peft(recipe):
     """PixArt has no diffusers LoRA loader; PEFT's own injection (then adopt_lora_wrappers) works on it."""
     fp = load_reference("ref-pixart")
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]
-    loras = [peft_lora(fp.transformer, targets, seed=seed, strength=0.25, prefix=None) for seed in LORA_SEEDS[:2]]
+    loras = [peft_lora(fp.transformer, targets, seed=seed, strength=0.25, prefix=None) for seed in LORA_SEEDS]
 
     def with_lora(pipe, lora):
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets), pipe.transformer, adapter_name="p")
