@@ -4,8 +4,10 @@ Shapes are [M tokens, K in, N out] of SD1.5 at 256x256, batch 2 (M = 2048 at the
 deepest), then of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 64 channels, 8x8 to 2x2 positions);
 each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the ref-sd
 shapes, against nn.Conv2d. Every deployed layer runs twice: with dq's C kernels (dq.kernels.cpu_kernels, the
-default) and with torch ops only (what DQ_CPU_KERNELS=0 runs). Prints the median ratio of the interleaved pairs
-per shape and writes benchmarks/results/cpu_layers.{md,json}.
+default) and with torch ops only (what DQ_CPU_KERNELS=0 runs); W8A8 linears a third time, in torch ops with the
+INT8 x INT8 product through torch._int_mm (DQ_CPU_INT8_GEMM=1), the integer form dq.kernels.cpu_gemm chooses for
+the torch ops on CPUs with 8-bit dot products. Prints the median ratio of the interleaved pairs per shape and
+writes benchmarks/results/cpu_layers.{md,json}.
 
     python benchmarks/cpu_layers.py [--pairs 15]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dq.kernels import cpu_kernels  # noqa: E402
+from dq.kernels import cpu_gemm, cpu_kernels  # noqa: E402
 from dq.metrics.perf import cpu_name  # noqa: E402
 from dq.nn import LayerPlan, deploy_all, swap_layers  # noqa: E402
 from dq.quant import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
@@ -68,6 +71,21 @@ def torch_ops_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: i
         cpu_kernels.library = library
 
 
+def integer_gemm_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int) -> float:
+    """torch_ops_ratio with the INT8 x INT8 product through torch._int_mm (DQ_CPU_INT8_GEMM=1)."""
+    before = os.environ.get(cpu_gemm.ENV_VAR)
+    os.environ[cpu_gemm.ENV_VAR] = "1"
+    cpu_gemm.int8_gemm_is_fast.cache_clear()
+    try:
+        return torch_ops_ratio(fp, variant, x, pairs)
+    finally:
+        if before is None:
+            del os.environ[cpu_gemm.ENV_VAR]
+        else:
+            os.environ[cpu_gemm.ENV_VAR] = before
+        cpu_gemm.int8_gemm_is_fast.cache_clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Deployed dq layers vs FP32 nn.Linear on the CPU.")
     p.add_argument("--pairs", type=int, default=15)
@@ -86,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                 deploy_all(variant)
                 row[name] = paired_ratio(fp, variant, x, args.pairs)
                 row[f"{name}_torch_ops"] = torch_ops_ratio(fp, variant, x, args.pairs)
+                if name == "w8a8":
+                    row["w8a8_int_mm"] = integer_gemm_ratio(fp, variant, x, args.pairs)
             rows.append(row)
-            print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]), flush=True)
+            print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]
+                           + [f"w8a8 torch._int_mm {row['w8a8_int_mm']:.2f}x"]), flush=True)
         conv_rows = []
         for n, c, h, w, k in CONV_SHAPES:
             fp = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2)).eval()
@@ -98,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             fused, plain = paired_ratio(fp, variant, x, args.pairs), torch_ops_ratio(fp, variant, x, args.pairs)
             conv_rows.append({"shape": [n, c, h, w, k], "w8a8": fused, "w8a8_torch_ops": plain})
             print(f"conv {n}x{c}x{h}x{w} k{k}: w8a8 {fused:.2f}x (torch ops {plain:.2f}x)", flush=True)
-    env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
+    env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
+           "int8_dot_flags": sorted(cpu_gemm.cpu_flags() & set(cpu_gemm.INT8_DOT_FLAGS)), "int8_gemm_chosen": cpu_gemm.int8_gemm_is_fast()}
     lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
              "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time, with dq's C kernels "
-             "(in parentheses: torch ops only, DQ_CPU_KERNELS=0).", "",
-             "| M x K x N | " + " | ".join(PLANS) + " |", "|---|" + "---|" * len(PLANS)]
+             "(in parentheses: torch ops only, DQ_CPU_KERNELS=0).",
+             f"8-bit dot-product flags: {', '.join(env['int8_dot_flags']) or 'none'}; the torch ops' INT8 x INT8 form here: "
+             f"{'torch._int_mm' if env['int8_gemm_chosen'] else 'float GEMM'} (last column: torch._int_mm forced).", "",
+             "| M x K x N | " + " | ".join(PLANS) + " | w8a8, torch._int_mm |", "|---|" + "---|" * (len(PLANS) + 1)]
     for row in rows:
-        cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]
+        cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS] + [f"{row['w8a8_int_mm']:.2f}x"]
         lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(cells) + " |")
     lines += ["", "W8A8 Conv2d (C -> C) vs FP32 nn.Conv2d at the ref-sd demo's shapes:", "",
               "| N x C x H x W, kernel | w8a8 | w8a8, torch ops only |", "|---|---|---|"]
