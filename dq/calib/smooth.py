@@ -11,6 +11,7 @@ SmoothCalibrator), starting from a closed-form guess.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -144,6 +145,12 @@ class LayerInputs:
     source: Any = None
 
 
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of one layer's token subsample, keyed by its name: the same tokens whichever layers are
+    captured with it (the whole denoiser in memory, or one block at a time in dq.pipelines.sequential)."""
+    return torch.Generator().manual_seed(random.Random(f"{seed}/{name}").getrandbits(63))
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     denoiser: nn.Module,
@@ -162,10 +169,11 @@ def capture_layer_inputs(
         data: the calibration samples, replayed `batch_size` per denoiser call.
         names: layers whose inputs are recorded.
         max_tokens: tokens kept per layer (a uniform random subsample); channel maxima use every token.
+        seed: with each layer's name, keys the generator of its subsample (layer_generator).
     """
     batches = list(data.batches(batch_size))
     per_call = max(32, -(-max_tokens // max(1, len(batches))))
-    gen = torch.Generator().manual_seed(seed)
+    gens = {n: layer_generator(seed, n) for n in names}
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     stats: dict[str, list] = {n: [None, None, 0, []] for n in names}  # absmax, min, count, source keys
     call = [0]
@@ -178,7 +186,7 @@ def capture_layer_inputs(
         st[1] = amin if st[1] is None else torch.minimum(st[1], amin)
         st[2] += x2.shape[0]
         st[3].append((call[0], x.data_ptr(), tuple(x.shape)))
-        idx = torch.randperm(x2.shape[0], generator=gen)[:per_call]
+        idx = torch.randperm(x2.shape[0], generator=gens[name])[:per_call]
         parts[name].append(x2[idx.to(x2.device)].cpu())
 
     def hook(name: str):
@@ -202,6 +210,6 @@ def capture_layer_inputs(
             continue
         tokens = torch.cat(parts[n], 0)
         if tokens.shape[0] > max_tokens:
-            tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[:max_tokens]]
+            tokens = tokens[torch.randperm(tokens.shape[0], generator=gens[n])[:max_tokens]]
         out[n] = LayerInputs(tokens, amax.cpu(), amin.cpu(), count, tuple(keys))
     return out

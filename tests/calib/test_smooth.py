@@ -79,3 +79,6 @@ def test_capture_records_fp_inputs():
     torch.testing.assert_close(got["2"].minimum, expected_fc2_input.min())
     assert not q["0"].act_quantizer.bypass  # bypass restored afterwards
     del fp
+    # A layer's token subsample is keyed by its name: the same when it is captured alone (one block at a time).
+    alone = capture_layer_inputs(model, q, data, ["2"], max_tokens=50, batch_size=1)
+    assert torch.equal(alone["2"].tokens, got["2"].tokens)
