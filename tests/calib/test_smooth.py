@@ -30,7 +30,9 @@ def test_smoothing_moves_outliers_and_keeps_fp_output():
     # The activation outlier channels shrink: the largest channel max drops by several times.
     assert channel_absmax(xs).max() < channel_absmax(x).max() / 4
     # Channel ranges become flatter (max/median ratio).
-    ratio = lambda t: float(t.max() / t.median())
+    def ratio(t):
+        return float(t.max() / t.median())
+
     assert ratio(channel_absmax(xs)) < ratio(channel_absmax(x)) / 4
     # In floating point the layer is unchanged.
     torch.testing.assert_close(xs @ ws.t(), x @ w.t(), rtol=1e-4, atol=1e-4)
