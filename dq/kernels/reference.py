@@ -215,8 +215,9 @@ def quantized_linear_reference(
     channel_scale: the per-channel scale s1 [out, 1] of progressive weights (dq.quant.progressive), else None.
 
     int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
-    True / False force the integer / the float GEMM (under autograd the float GEMM runs). tile_rows sets the weight tile (output channels;
-    0: whole weight); None lets weight_tile_rows decide (CPU without autograd only). act_rounding:
+    True / False force the integer / the float GEMM (under autograd the float GEMM runs: the integer one has
+    no gradient). tile_rows sets the weight tile (output channels; 0: whole weight); None lets
+    weight_tile_rows decide (CPU without autograd only). act_rounding:
     "reciprocal" quantizes the activations by the GPU kernels' rule (reciprocal_fake_quantize), to check a
     kernel's GEMM apart from its rounding ties.
     """
@@ -225,7 +226,6 @@ def quantized_linear_reference(
     x2 = x.reshape(-1, in_features)
     b = None if bias is None else cast(bias)
     branch = lora_down is not None and lora_down.shape[0] > 0
-    # The integer GEMM has no gradient: under autograd (LoRA training) the float form runs.
     differentiable = torch.is_grad_enabled() and x2.requires_grad
     integer = (act_rounding == "division" and not differentiable and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec)
                and _integer_gemm_pays(x2, int_gemm))
