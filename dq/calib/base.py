@@ -38,7 +38,7 @@ from dq.nn.select import LayerSelection
 from dq.registry import Registry
 
 if TYPE_CHECKING:
-    from dq.calib.data import CalibData
+    from dq.calib.data import CalibData, CalibSample
     from dq.recipes import Recipe
 
 
@@ -105,6 +105,13 @@ class Calibrator(ABC, Generic[C]):
         """Set the planned prelude layers' quantizers (`layers`, swapped); the denoiser's layers outside the
         prelude may be unmaterialized (meta)."""
         raise DQError(f"{type(self).__name__} has no prelude layers to calibrate (its prelude_layers is empty).")
+
+    def replay_groups(self, data: CalibData) -> list[list[CalibSample]]:
+        """The samples the method replays together in one denoiser call on its streams. Block-sequential
+        calibration computes every block's inputs and outputs in these groups, so a block's inputs are, bit for
+        bit, the ones the whole model gives it in memory (a GEMM's last bits depend on its row count, and
+        discrete choices such as SVDQuant's smoothing search amplify them). Default: one sample per call."""
+        return data.groups(1)
 
     def block_calibrator(self) -> Calibrator:
         """The calibrator of one block, or of the glue, once the prelude is calibrated; default: this one."""

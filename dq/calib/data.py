@@ -129,8 +129,8 @@ class CalibData:
         """The same data restricted to `samples` (schedule and cache kept)."""
         return CalibData(samples, self.schedule, self.drawn, self.cache)
 
-    def batches(self, batch_size: int, by_step: bool = False, max_samples: int | None = None) -> Iterator[CalibBatch]:
-        """Collated batches of up to `batch_size` samples (float16 on CPU).
+    def groups(self, batch_size: int, by_step: bool = False, max_samples: int | None = None) -> list[list[CalibSample]]:
+        """The samples of every batch `batches` collates, in its order.
 
         by_step: every batch holds one step only (per-timestep statistics, and quantizers whose
         timestep group must be one per call). Cached steps of a step cache are always batched per
@@ -140,15 +140,12 @@ class CalibData:
         keyed: dict[tuple[int, bool], list[CalibSample]] = {}
         for s in pool:
             keyed.setdefault((s.step if by_step or s.cached else -1, s.cached), []).append(s)
-        for key in sorted(keyed):
-            group = keyed[key]
-            for i in range(0, len(group), batch_size):
-                chunk = group[i : i + batch_size]
-                rows = [s.rows for s in chunk]
-                state = None if chunk[0].cache_state is None else collate([s.cache_state for s in chunk], rows)
-                inputs = [s.all_inputs() for s in chunk]
-                streams = {name: collate([st[name] for _, _, st in inputs], rows) for name in inputs[0][2]}
-                yield CalibBatch(chunk, collate([a for a, _, _ in inputs], rows), collate([k for _, k, _ in inputs], rows), state, streams)
+        return [keyed[key][i : i + batch_size] for key in sorted(keyed) for i in range(0, len(keyed[key]), batch_size)]
+
+    def batches(self, batch_size: int, by_step: bool = False, max_samples: int | None = None) -> Iterator[CalibBatch]:
+        """Collated batches of up to `batch_size` samples (float16 on CPU), as `groups` forms them."""
+        for chunk in self.groups(batch_size, by_step, max_samples):
+            yield collate_samples(chunk)
 
     def replay(self, denoiser: nn.Module, batch: CalibBatch, stream: str = QUANTIZED) -> Any:
         """Call the denoiser on a batch, on its device and dtype, in the batch's cache state.
@@ -163,6 +160,15 @@ class CalibData:
         pinned = nullcontext() if self.cache is None or state is None else self.cache.pinned(to_device(state, p.device, p.dtype))
         with pinned:
             return denoiser(*args, **kwargs)
+
+
+def collate_samples(chunk: list[CalibSample]) -> CalibBatch:
+    """One batch of samples collated along rows (spilled samples read back)."""
+    rows = [s.rows for s in chunk]
+    state = None if chunk[0].cache_state is None else collate([s.cache_state for s in chunk], rows)
+    inputs = [s.all_inputs() for s in chunk]
+    streams = {name: collate([st[name] for _, _, st in inputs], rows) for name in inputs[0][2]}
+    return CalibBatch(chunk, collate([a for a, _, _ in inputs], rows), collate([k for _, k, _ in inputs], rows), state, streams)
 
 
 def _spread(samples: list[CalibSample], n: int) -> list[CalibSample]:
@@ -200,6 +206,22 @@ def collate(items: list[Any], rows: list[int]) -> Any:
     if isinstance(first, dict):
         return {k: collate([it[k] for it in items], rows) for k in first}
     return first
+
+
+def split(obj: Any, rows: list[int]) -> list[Any]:
+    """The per-sample structures of a collated one (collate's inverse): tensors with a row dimension (all the
+    rows) are cut along it into compact copies, everything else is shared."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() > 0 and obj.shape[0] == sum(rows):
+            return [part.clone() for part in obj.split(rows)]
+        return [obj] * len(rows)
+    if isinstance(obj, (tuple, list)):
+        parts = [split(o, rows) for o in obj]
+        return [type(obj)(p[i] for p in parts) for i in range(len(rows))]
+    if isinstance(obj, dict):
+        parts = {k: split(v, rows) for k, v in obj.items()}
+        return [{k: p[i] for k, p in parts.items()} for i in range(len(rows))]
+    return [obj] * len(rows)
 
 
 def to_device(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:

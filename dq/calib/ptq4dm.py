@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 
 from dq.calib.base import Calibrator, Sampling, register_calibrator
-from dq.calib.data import WEIGHTS, CalibData
+from dq.calib.data import WEIGHTS, CalibData, CalibSample
 from dq.calib.qdiffusion import init_weight_scales
 from dq.calib.timestep import TimestepConfig, calibrate_activations, check_observer
 from dq.nn.base import QuantLayerMixin
@@ -56,3 +56,6 @@ class PTQ4DMCalibrator(Calibrator[PTQ4DMConfig]):
         c = self.config
         init_weight_scales(layers, c.weight_observer)
         calibrate_activations(denoiser, layers, data, c.act_observer, c.timestep_groups, c.batch_size)
+
+    def replay_groups(self, data: CalibData) -> list[list[CalibSample]]:
+        return data.groups(self.config.batch_size, by_step=True)  # calibrate_activations' batches

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
-from dq.calib.data import FLOAT, CalibData
+from dq.calib.data import FLOAT, CalibData, CalibSample
 from dq.calib.gptq import gptq_quantize
 from dq.calib.smooth import LayerInputs, alpha_beta_grid, capture_layer_inputs, first_guess_alpha, search_smoothing
 from dq.errors import DQError
@@ -394,3 +394,6 @@ class SVDQuantCalibrator(Calibrator[SVDQuantConfig]):
 
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         calibrate_layers(denoiser, layers, self.config, data)
+
+    def replay_groups(self, data: CalibData) -> list[list[CalibSample]]:
+        return data.groups(self.config.batch_size)  # capture_layer_inputs' batches

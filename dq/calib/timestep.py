@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib.base import Calibrator, CalibratorConfig, Sampling, register_calibrator
-from dq.calib.data import WEIGHTS, CalibData, stream_of
+from dq.calib.data import WEIGHTS, CalibData, CalibSample, stream_of
 from dq.calib.observers import OBSERVERS
 from dq.calib.state import quant_state
 from dq.errors import DQError
@@ -270,3 +270,6 @@ class TimestepCalibrator(Calibrator[TimestepConfig]):
     def calibrate(self, denoiser: nn.Module, layers: dict[str, QuantLayerMixin], recipe: Recipe, data: CalibData | None) -> None:
         c = self.config
         calibrate_activations(denoiser, layers, data, c.act_observer, c.timestep_groups, c.batch_size, weights_quantized=True)
+
+    def replay_groups(self, data: CalibData) -> list[list[CalibSample]]:
+        return data.groups(self.config.batch_size, by_step=True)  # calibrate_activations' batches

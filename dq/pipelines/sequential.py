@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.calib import CalibData, CalibSample, plan_quantization, quantize_model
-from dq.calib.data import FLOAT, QUANT_STATES, QUANTIZED, WEIGHTS, collate, map_tensors
+from dq.calib.data import FLOAT, QUANT_STATES, QUANTIZED, WEIGHTS, collate, collate_samples, map_tensors, split
 from dq.calib.quantize import QuantPlan
 from dq.calib.sequential import GLUE, BlockDenoiser, BlockFlow, block_inputs, block_plan, denoiser_blocks, glue_plan, in_blocks, trace_block_flow
 from dq.calib.state import quant_state
@@ -218,28 +218,31 @@ class GlueDenoiser(nn.Module):
         return self.denoiser(*args, **kwargs)
 
 
-def _replay_inputs(sample: CalibSample) -> tuple[tuple, dict]:
+def _replay_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A stored denoiser call, as the float32 skeleton takes it."""
-    args, kwargs = sample.inputs()
     cast = lambda t: t.to(dtype=torch.float32) if t.is_floating_point() else t  # noqa: E731
     return map_tensors(args, cast), map_tensors(kwargs, cast)
 
 
 def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow: BlockFlow, name: str, data: CalibData,
-                         streams: dict[str, _Outputs], spill: Path, max_memory: int) -> CalibData:
+                         streams: dict[str, _Outputs], spill: Path, max_memory: int, groups: list[list[int]]) -> CalibData:
     """The inputs of block `name` for every sample: the denoiser's forward with the earlier blocks replaying
     their stored outputs, stopped at the block, once per stream (in the stream's quantization state, its
-    outputs replayed). In memory up to `max_memory` bytes, then spilled to `spill`."""
+    outputs replayed), on the samples of each of `groups` (indices into `data`) together, as the calibrator
+    replays them in memory. In memory up to `max_memory` bytes, then spilled to `spill`."""
     found: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         found["inputs"] = map_tensors((args, kwargs), lambda t: t.detach().clone())
         raise _Reached
 
-    def inputs_in(stream: str, i: int, s: CalibSample) -> dict:
-        replaying.samples, replaying.rows, replaying.outputs = [i], [s.rows], streams[stream]
+    def inputs_in(stream: str, group: list[int]) -> list[dict]:
+        members = [data.samples[i] for i in group]
+        rows = [s.rows for s in members]
+        replaying.samples, replaying.rows, replaying.outputs = group, rows, streams[stream]
         found.clear()
-        args, kwargs = _replay_inputs(s)
+        batch = collate_samples(members)
+        args, kwargs = _replay_inputs(batch.args, batch.kwargs)
         weights, acts = QUANT_STATES[stream]
         with quant_state(denoiser, weights=weights, acts=acts):
             try:
@@ -247,23 +250,27 @@ def capture_block_inputs(denoiser: nn.Module, blocks: dict[str, nn.Module], flow
             except _Reached:
                 pass
         if "inputs" not in found:
-            raise DQError(f"block {name!r} did not run for calibration sample {i}; block-sequential calibration needs every block to run on every sample.")
-        return block_inputs(torch.full((s.rows,), s.timestep), *found["inputs"])
+            raise DQError(f"block {name!r} did not run for calibration samples {group}; block-sequential calibration needs every block to run on every sample.")
+        return [block_inputs(torch.full((s.rows,), s.timestep), *inputs) for s, inputs in zip(members, split(found["inputs"], rows))]
 
-    samples, held = [], 0
+    samples: dict[int, CalibSample] = {}
+    held = 0
     handle = blocks[name].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with _Replaying(blocks, flow.order[: flow.order.index(name)], streams[QUANTIZED], set(flow.sources[name])) as replaying, torch.no_grad():
-            for i, s in enumerate(data.samples):
-                others = {stream: inputs_in(stream, i, s) for stream in streams if stream != QUANTIZED}
-                sample = CalibSample(s.step, s.timestep, s.prompt, (), inputs_in(QUANTIZED, i, s), s.rows, stream_kwargs=others)
-                held += nested_bytes(sample.all_inputs())
-                if held > max_memory:
-                    sample.spill(spill / f"{i:05d}.pt")
-                samples.append(sample)
+            for group in groups:
+                by_stream = {stream: inputs_in(stream, group) for stream in streams}
+                for j, i in enumerate(group):
+                    s = data.samples[i]
+                    others = {stream: inputs[j] for stream, inputs in by_stream.items() if stream != QUANTIZED}
+                    sample = CalibSample(s.step, s.timestep, s.prompt, (), by_stream[QUANTIZED][j], s.rows, stream_kwargs=others)
+                    held += nested_bytes(sample.all_inputs())
+                    if held > max_memory:
+                        sample.spill(spill / f"{i:05d}.pt")
+                    samples[i] = sample
     finally:
         handle.remove()
-    return CalibData(samples, data.schedule, data.drawn)
+    return CalibData([samples[i] for i in range(len(data.samples))], data.schedule, data.drawn)
 
 
 def glue_data(data: CalibData, streams: list[str]) -> CalibData:
@@ -336,12 +343,14 @@ def sequential_quantize(path: str | Path, recipe: str | Recipe, out: str | Path,
             attach_timestep_hook(skeleton, [q for n, layer in layers.items() if not in_blocks(n, list(blocks)) for q in grouped_quantizers(layer)])
     streams = {stream: _Outputs(work.path / f"outputs-{stream}") for stream in (QUANTIZED, *plan.calibrator.streams)}
     last_reader = flow.last_reader()
+    index = {id(s): i for i, s in enumerate(data.samples)}
+    groups = [[index[id(s)] for s in group] for group in rest.calibrator.replay_groups(data)]
     for name in tqdm(flow.order, desc=f"dq: block-sequential {recipe.name}", leave=False):
         if name in done:
             continue
         with stage(report, f"block {name}"):
-            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, streams, work.path / "inputs" / name, max_memory)
-            done[name] = _quantize_block(checkpoint, name, recipe, rest, block_data, streams, work.path, keep=name in last_reader)
+            block_data = capture_block_inputs(skeleton, blocks, flow, name, data, streams, work.path / "inputs" / name, max_memory, groups)
+            done[name] = _quantize_block(checkpoint, name, recipe, rest, block_data, streams, work.path, name in last_reader, groups)
             for source, reader in last_reader.items():
                 if reader == name:
                     for outputs in streams.values():
@@ -380,7 +389,7 @@ def _capture(work: WorkDir, checkpoint: Checkpoint, blocks: dict[str, nn.Module]
             del pipe
             gc.collect()
             release_freed_memory()
-        args, kwargs = _replay_inputs(data.samples[0])
+        args, kwargs = _replay_inputs(*data.samples[0].inputs())
         flow = trace_block_flow(blocks, lambda: skeleton(*args, **kwargs), glue_layers)
     save_data(data, stored)
     work.state["flow"] = asdict(flow)
@@ -388,29 +397,36 @@ def _capture(work: WorkDir, checkpoint: Checkpoint, blocks: dict[str, nn.Module]
     return data, flow
 
 
-def _store_outputs(model: nn.Module, name: str, data: CalibData, outputs: _Outputs, keep: bool, stream: str) -> None:
-    """The block's outputs in `stream`: on the stream's inputs, in its quantization state."""
+def _store_outputs(model: nn.Module, name: str, data: CalibData, outputs: _Outputs, keep: bool, stream: str, groups: list[list[int]]) -> None:
+    """The block's outputs in `stream`: on the stream's inputs, in its quantization state, the samples of each
+    of `groups` in one call."""
     weights, acts = QUANT_STATES[stream]
     with torch.no_grad(), quant_state(model, weights=weights, acts=acts):
-        for i, s in enumerate(data.samples):
-            outputs.save(name, i, data.replay(model, next(data.subset([s]).batches(1)), stream), keep)
+        for group in groups:
+            batch = collate_samples([data.samples[i] for i in group])
+            for i, output in zip(group, split(data.replay(model, batch, stream), [s.rows for s in batch.samples])):
+                outputs.save(name, i, output, keep)
 
 
 def _quantize_block(checkpoint: Checkpoint, name: str, recipe: Recipe, plan: QuantPlan, data: CalibData, streams: dict[str, _Outputs],
-                    work: Path, keep: bool) -> dict[str, dict]:
-    """Read, calibrate, quantize and store one block, and store its outputs in every stream: FLOAT from the
-    float block (before calibration), WEIGHTS from the calibrated block in simulation (before deployment,
-    activation quantizers off), QUANTIZED from the deployed block; returns its layers' plans."""
+                    work: Path, keep: bool, groups: list[list[int]]) -> dict[str, dict]:
+    """Read, calibrate, quantize and store one block, and store its outputs in every stream, each in the
+    state in-memory calibration replays the blocks before in: FLOAT from the swapped block with its quantizers
+    bypassed, before calibration (SVDQuant's swap already splits a weight into residual and branch); WEIGHTS
+    and QUANTIZED from the calibrated block in simulation (activation quantizers off for WEIGHTS). Returns
+    its layers' plans."""
     block = checkpoint.load_module(name)
     model = BlockDenoiser(name, block, torch.float32)
-    if FLOAT in streams:  # a prelude layer inside is already swapped: quant_state turns it off too
-        _store_outputs(model, name, data, streams[FLOAT], keep, FLOAT)
-    quantize_model(model, recipe, data, block_plan(plan, name))
-    if WEIGHTS in streams:
-        _store_outputs(model, name, data, streams[WEIGHTS], keep, WEIGHTS)
-    deploy_all(model)  # with the prelude's layers inside the block
+    plan = block_plan(plan, name)
+    layers = swap_layers(model, plan.selection.plans)
+    if FLOAT in streams:  # quant_state turns a prelude layer inside off too
+        _store_outputs(model, name, data, streams[FLOAT], keep, FLOAT, groups)
+    plan.calibrator.calibrate(model, layers, recipe, data)
     attach_timestep_hook(model)
-    _store_outputs(model, name, data, streams[QUANTIZED], keep, QUANTIZED)
+    for stream in (WEIGHTS, QUANTIZED):
+        if stream in streams:
+            _store_outputs(model, name, data, streams[stream], keep, stream, groups)
+    deploy_all(model)  # with the prelude's layers inside the block
     _save_tensors(work / "blocks" / f"{name}.safetensors", {f"{name}.{k}": v for k, v in block.state_dict().items()})
     _free(block)
     return {n: plan_of(layer).to_dict() for n, layer in quant_layers(model)}
