@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -33,6 +34,7 @@ from dq import reference
 from dq.calib import METHODS
 from dq.metrics import peak_memory, to_float
 from dq.metrics.perf import cpu_name
+from dq.nn.denoiser import find_denoiser
 from dq.pipelines.sequential import sequential_quantize
 from dq.recipes import load_recipe
 
@@ -63,6 +65,15 @@ def _calib(name: str, args, seed: int) -> dq.CalibConfig:
                           batch_size=args.batch, pipeline_kwargs=reference.generation_kwargs(name))
 
 
+def tensors_digest(pipe) -> str:
+    """SHA-256 of the quantized denoiser's state dict (names, dtypes, shapes, bytes): equal digests, equal models."""
+    digest = hashlib.sha256()
+    for name, t in sorted(find_denoiser(pipe).state_dict().items()):
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     """Quantize (returns the pipeline), time it and its peak memory, then generate and score."""
     with peak_memory("cpu") as peak:
@@ -72,7 +83,7 @@ def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, name, prompts, args.steps, args.batch)
     q = quality(images, fp, real, prompts, clip)
-    return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes}
+    return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes, "digest": tensors_digest(pipe)}
 
 
 def run_model(name: str, args, clip, save, measured: list[dict]) -> None:
@@ -142,6 +153,13 @@ def _compared(row: dict, metric: str, digits: int) -> list[str]:
     return [_spread(memory, digits), _spread(sequential, digits), f"{c['delta']:+.{digits}f}{noise}: {c['verdict']}"]
 
 
+def _identical(row: dict) -> str:
+    """In how many draws both paths gave the same quantized tensors (digests), of the draws that recorded one."""
+    pairs = [(m.get("digest"), q.get("digest")) for m, q in zip(row["memory"], row["sequential"])]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    return f"{sum(a == b for a, b in pairs)}/{len(pairs)}" if pairs else "-"
+
+
 def _cost(row: dict, key: str, scale: float) -> str:
     """Mean of `key` over the draws, in memory / block-sequential."""
     return " / ".join(f"{statistics.fmean(r[key] for r in row[path]) / scale:.0f}" if row[path] else "-" for path in ("memory", "sequential"))
@@ -155,12 +173,14 @@ def markdown(results: dict) -> str:
              "Draw d: calibration seed d and, for methods with random draws, recipe seed d, on both paths. Cells: mean over "
              "the draws (min-max). Δ: block-sequential mean minus in-memory mean ± two standard errors of that difference "
              "(the run-to-run noise); 'within' when |Δ| is inside it. Sequential: `dq.pipelines.sequential` from the "
-             "pipeline directory. Time and peak (RSS high-water mark) of the quantization step, mean over the draws.", ""]
+             "pipeline directory. Same tensors: draws in which both paths' quantized denoisers have bitwise equal state dicts "
+             "(SHA-256; '-' for rows measured before it was recorded). Time and peak (RSS high-water mark) of the "
+             "quantization step, mean over the draws.", ""]
     for name, res in results["models"].items():
         lines += [f"## {name}", "", "| recipe | FID vs FP: in memory | block-sequential | Δ | PSNR: in memory | block-sequential | Δ | "
-                  "time s: in memory / sequential | peak MiB: in memory / sequential |", "|---|---|---|---|---|---|---|---|---|"]
+                  "same tensors | time s: in memory / sequential | peak MiB: in memory / sequential |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            cells = [r["recipe"], *_compared(r, "fid_vs_fp", 3), *_compared(r, "psnr", 2), _cost(r, "seconds", 1), _cost(r, "peak_bytes", 2**20)]
+            cells = [r["recipe"], *_compared(r, "fid_vs_fp", 3), *_compared(r, "psnr", 2), _identical(r), _cost(r, "seconds", 1), _cost(r, "peak_bytes", 2**20)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"{r['recipe']}: {r['refused']}" for r in res["rows"] if "refused" in r] + [""]
     return "\n".join(lines) + "\n"

@@ -11,18 +11,20 @@ calibrated recipe without ever holding the float denoiser in memory:
 2. Prelude, for methods with layers that span the blocks (TFMQ's temporal block: a UNet's time embedding and
    every resnet's `time_emb_proj`): those layers alone are read and calibrated on the whole denoiser from the
    timesteps alone, before any block (`Calibrator.prelude_layers`). Redone on resume: it takes seconds.
-3. Blocks, in call order. A block's inputs are recomputed for every sample by the denoiser's own forward,
-   with the blocks before it replaying their stored outputs instead of running, and stopped at the block;
-   held in memory up to `max_memory`, spilled to disk beyond it. The float block is read, calibrated on
-   those inputs by the recipe's calibrator (through `BlockDenoiser`), quantized and packed. Its quantized
-   outputs are stored for the blocks that read them (the quantized model's inputs, which BRECQ's activation
-   phase replays), its tensors written, and it is freed. Each method also gets the streams of the other
-   quantization states its replays use in memory (`Calibrator.streams`), so a block sees what the whole model
-   in that state gives it: FLOAT, the float block's outputs on the float model's inputs (reconstruction
-   targets; SVDQuant's and SmoothQuant's smoothing, low rank and GPTQ Hessians, which their papers take from
-   the float model); WEIGHTS, the block's outputs with its weights quantized and its activations in float
-   (reconstructed weights' inputs; the activation ranges of Q-Diffusion, TFMQ, PTQ4DM and the timestep
-   observer). The float model is still never resident.
+3. Blocks, in call order. A block's inputs are recomputed by the denoiser's own forward, with the blocks
+   before it replaying their stored outputs instead of running, and stopped at the block; held in memory up to
+   `max_memory`, spilled to disk beyond it. The float block is read, its layers swapped, calibrated on those
+   inputs by the recipe's calibrator (through `BlockDenoiser`) and packed; its tensors are written and it is
+   freed. Its outputs are stored for the blocks that read them, in every quantization state the method's
+   replays use in memory (`Calibrator.streams`), so a block sees what the whole model in that state gives it:
+   QUANTIZED, the calibrated block in simulation (BRECQ's activation phase); FLOAT, the swapped block with its
+   quantizers bypassed, before calibration (reconstruction targets; SVDQuant's and SmoothQuant's smoothing, low
+   rank and GPTQ Hessians, which their papers take from the float model); WEIGHTS, the calibrated block in
+   simulation with its activations in float (reconstructed weights' inputs; the activation ranges of
+   Q-Diffusion, TFMQ, PTQ4DM and the timestep observer). Every block's inputs and outputs are computed on the
+   batches of samples the calibrator replays together (`Calibrator.replay_groups`), so for a method that
+   replays one batching they are bitwise the ones in-memory calibration computes. The float model is still
+   never resident.
 4. Glue: the layers outside the blocks, calibrated with every block replaying.
 5. Write. The output directory is assembled atomically, as `stream_quantize` writes it.
 
