@@ -5,8 +5,9 @@ deepest), then of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 64 ch
 each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the ref-sd
 shapes, against nn.Conv2d. Every deployed layer runs twice: with dq's C kernels (dq.kernels.cpu_kernels, the
 default) and with torch ops only (what DQ_CPU_KERNELS=0 runs); W8A8 linears a third time, in torch ops with the
-INT8 x INT8 product through torch._int_mm (DQ_CPU_INT8_GEMM=1), the integer form dq.kernels.cpu_gemm chooses for
-the torch ops on CPUs with 8-bit dot products. Prints the median ratio of the interleaved pairs per shape and
+INT8 x INT8 product through torch._int_mm at every size (DQ_CPU_INT8_GEMM=1). On CPUs with 8-bit dot products a
+deployed W8A8 linear takes that integer form where it pays (dq.kernels.cpu_gemm.int8_gemm_pays: at least 128 rows
+and 2^24 multiply-adds) and the C call below. Prints the median ratio of the interleaved pairs per shape and
 writes benchmarks/results/cpu_layers.{md,json}.
 
     python benchmarks/cpu_layers.py [--pairs 15]
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
              "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time, with dq's C kernels "
              "(in parentheses: torch ops only, DQ_CPU_KERNELS=0).",
-             f"8-bit dot-product flags: {', '.join(env['int8_dot_flags']) or 'none'}; the torch ops' INT8 x INT8 form here: "
-             f"{'torch._int_mm' if env['int8_gemm_chosen'] else 'float GEMM'} (last column: torch._int_mm forced).", "",
+             f"8-bit dot-product flags: {', '.join(env['int8_dot_flags']) or 'none'}; W8A8 linears' INT8 x INT8 product here: "
+             + ("torch._int_mm where it pays (at least 128 rows and 2^24 multiply-adds), the float GEMM below"
+                if env["int8_gemm_chosen"] else "the float GEMM") + " (last column: torch._int_mm forced at every size).", "",
              "| M x K x N | " + " | ".join(PLANS) + " | w8a8, torch._int_mm |", "|---|" + "---|" * (len(PLANS) + 1)]
     for row in rows:
         cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS] + [f"{row['w8a8_int_mm']:.2f}x"]

@@ -1,12 +1,17 @@
 """Which GEMM runs the INT8 x INT8 products on this CPU: the integer kernel or FP32 after dequantization.
 
 `torch._int_mm` is fast on CPUs with 8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX) and
-10-50x slower than the FP32 GEMM on CPUs without them (AVX2 only: no VNNI). The choice is made once per
-process and logged at INFO:
+10-50x slower than the FP32 GEMM on CPUs without them (AVX2 only: no VNNI). Whether this CPU has a fast one
+is decided once per process and logged at INFO:
 
-    DQ_CPU_INT8_GEMM=1 / =0     forces the integer / the FP32 path;
+    DQ_CPU_INT8_GEMM=1 / =0     forces the integer / the FP32 path (at every size);
     no VNNI/AMX flag            FP32 (nothing to probe: the integer kernel has no fast instruction);
     otherwise                   a measured probe (about 10 ms) picks the faster of the two.
+
+Where it is fast, it pays only for large products (`int8_gemm_pays`): below INT8_GEMM_MIN_ROWS rows or
+INT8_GEMM_MIN_MACS multiply-adds its fixed costs (the input's INT32 result, the rescaling) lose to dq's
+one-call float path (benchmarks/cpu_layers.py on an AVX-512 VNNI EPYC: 0.38-0.60x the FP32 layer's time at
+M >= 512, 1.00x at 128x1280x1280, slower than the float form at K = N = 64 and at M = 32).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 ENV_VAR = "DQ_CPU_INT8_GEMM"
+INT8_GEMM_MIN_ROWS = 128
+INT8_GEMM_MIN_MACS = 2**24
 
 
 def cpu_flags() -> set[str]:
@@ -56,14 +63,20 @@ def probe_int8_gemm(m: int = 128, k: int = 512, n: int = 256) -> tuple[float, fl
     return t_int, t_float
 
 
+def forced_int8_gemm() -> bool | None:
+    """True / False where DQ_CPU_INT8_GEMM forces the integer / the float form, else None."""
+    value = os.environ.get(ENV_VAR)
+    return value == "1" if value in ("0", "1") else None
+
+
 @functools.cache
 def int8_gemm_is_fast() -> bool:
     """True when this CPU should run INT8 x INT8 layers through torch._int_mm (decided once per process)."""
-    forced = os.environ.get(ENV_VAR)
+    forced = forced_int8_gemm()
     flags = cpu_flags() & set(INT8_DOT_FLAGS)
     capability = torch.backends.cpu.get_cpu_capability()
-    if forced in ("0", "1"):
-        fast, why = forced == "1", f"{ENV_VAR}={forced}"
+    if forced is not None:
+        fast, why = forced, f"{ENV_VAR}={int(forced)}"
     elif not flags and cpu_flags():
         fast, why = False, f"no {'/'.join(INT8_DOT_FLAGS)} flag"
     else:
@@ -72,3 +85,12 @@ def int8_gemm_is_fast() -> bool:
     path = "integer torch._int_mm" if fast else "dequantize to FP32 + FP32 GEMM"
     logger.info("dq CPU path for INT8 x INT8 layers: %s (%s; CPU capability %s)", path, why, capability)
     return fast
+
+
+def int8_gemm_pays(m: int, k: int, n: int) -> bool:
+    """Whether an [m, k] x [k, n] INT8 x INT8 product runs through torch._int_mm on this CPU: forced by
+    DQ_CPU_INT8_GEMM, else where the integer GEMM is fast here and the product is large enough."""
+    forced = forced_int8_gemm()
+    if forced is not None:
+        return forced
+    return m >= INT8_GEMM_MIN_ROWS and m * k * n >= INT8_GEMM_MIN_MACS and int8_gemm_is_fast()

@@ -140,13 +140,16 @@ def pointer(t: torch.Tensor | None) -> int | None:
 class CpuPlan:
     """What the C kernels need to know of a deployed layer (dq.kernels.cpu_linear, QuantConv2d), decided when it
     is deployed: the stored codes' width and sign, the scales' dtype code, and the activation quantization
-    (input channels per scale, largest code; act_qmax 0: the input is not quantized)."""
+    (input channels per scale, largest code; act_qmax 0: the input is not quantized). int8_product: the layer
+    is an exact INT8 x INT8 product (dq.kernels.reference.uses_int_mm), which the torch ops' integer GEMM runs
+    where it pays (dq.kernels.cpu_gemm.int8_gemm_pays)."""
 
     bits: int
     signed: bool
     scale_dtype: int
     act_group: int
     act_qmax: float
+    int8_product: bool = False
 
 
 def cpu_plan(weight_format: str, weight_scale: torch.Tensor, channel_scale: torch.Tensor | None, in_channels: int,

@@ -6,7 +6,8 @@ BLAS call torch itself makes (cpu_kernels.linear_library). What is saved is the 
 10-25 torch ops and Python layers per call cost more than the GEMM itself on a small model
 (tests/kernels/test_cpu_kernels.py checks the equality; benchmarks/cpu_layers.py times it). Calls the C kernels
 do not take return None, and the caller runs the reference: autograd (LoRA training), 16-bit inputs, layers
-whose weight is streamed in tiles (dq.kernels.reference.weight_tile_rows).
+whose weight is streamed in tiles (dq.kernels.reference.weight_tile_rows), and exact INT8 x INT8 products large
+enough that the reference's integer GEMM is faster on this CPU (dq.kernels.cpu_gemm.int8_gemm_pays).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dq.kernels import cpu_kernels
+from dq.kernels.cpu_gemm import int8_gemm_pays
 from dq.kernels.reference import reused_buffer, weight_tile_rows
 from dq.quant import cast
 
@@ -40,7 +42,7 @@ def cpu_linear(
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     m, n, k = x2.shape[0], qweight.shape[0], in_features
     ldx = x2.stride(0) if m > 1 else k  # BLAS needs rows at least k apart: expanded (stride-0) rows go to the reference
-    if x2.stride(-1) != 1 or ldx < k or weight_tile_rows(m * k * 4, n, k):
+    if x2.stride(-1) != 1 or ldx < k or weight_tile_rows(m * k * 4, n, k) or (plan.int8_product and int8_gemm_pays(m, k, n)):
         return None
     cpu = x2.device
     rank = lora_down.shape[0] if lora_down is not None else 0

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dq.kernels import cpu_kernels
-from dq.kernels.cpu_gemm import int8_gemm_is_fast
+from dq.kernels.cpu_gemm import int8_gemm_pays
 from dq.quant import PerToken, QuantSpec, cast, dynamic_codes, fake_quantize
 from dq.quant.formats import get_format
 from dq.quant.packing import Allocator, new_tensor
@@ -55,10 +55,10 @@ def uses_int_mm(weight_format: str, weight_scale: torch.Tensor, weight_zero: tor
     )
 
 
-def _integer_gemm_pays(x: torch.Tensor, int_gemm: bool | None) -> bool:
-    if x.is_cuda:
-        return x.shape[0] > 16  # torch._int_mm needs more than 16 rows on CUDA
-    return int8_gemm_is_fast() if int_gemm is None else int_gemm
+def _integer_gemm_pays(x2: torch.Tensor, n: int, int_gemm: bool | None) -> bool:
+    if x2.is_cuda:
+        return x2.shape[0] > 16  # torch._int_mm needs more than 16 rows on CUDA
+    return int8_gemm_pays(x2.shape[0], x2.shape[1], n) if int_gemm is None else int_gemm
 
 
 def reused_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -214,7 +214,7 @@ def quantized_linear_reference(
 
     channel_scale: the per-channel scale s1 [out, 1] of progressive weights (dq.quant.progressive), else None.
 
-    int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (once per process),
+    int_gemm chooses the INT8 x INT8 form on CPU: None asks dq.kernels.cpu_gemm (this CPU and the size),
     True / False force the integer / the float GEMM (under autograd the float GEMM runs: the integer one has
     no gradient). tile_rows sets the weight tile (output channels; 0: whole weight); None lets
     weight_tile_rows decide (CPU without autograd only). act_rounding:
@@ -228,7 +228,7 @@ def quantized_linear_reference(
     branch = lora_down is not None and lora_down.shape[0] > 0
     differentiable = torch.is_grad_enabled() and x2.requires_grad
     integer = (act_rounding == "division" and not differentiable and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec)
-               and _integer_gemm_pays(x2, int_gemm))
+               and _integer_gemm_pays(x2, qweight.shape[0], int_gemm))
     fused = None if integer or act_rounding != "division" else _fused_input(x2, act_spec, smooth, alloc, branch)
     if fused is not None:
         x2, xa = fused

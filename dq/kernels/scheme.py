@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dq.kernels.cpu_kernels import CpuPlan, cpu_plan
+from dq.kernels.reference import uses_int_mm
 from dq.quant import PerToken, QuantSpec
 
 KERNELS = ("w4a4", "w4a8", "w4a8_progressive", "w4a16", "w8a8", "fp8")
@@ -65,7 +66,10 @@ def kernel_scheme(
     """The kernels that compute a deployed layer with these stored tensors and activation spec (None: weight-only,
     or activations already quantized by a static quantizer)."""
     gpu = _gpu_kernel(weight_format, qweight, weight_scale, weight_zero, channel_scale, in_features, act_spec)
-    return replace(gpu, cpu=cpu_plan(weight_format, weight_scale, channel_scale, in_features, act_spec))
+    cpu = cpu_plan(weight_format, weight_scale, channel_scale, in_features, act_spec)
+    if cpu is not None and uses_int_mm(weight_format, weight_scale, weight_zero, act_spec):
+        cpu = replace(cpu, int8_product=True)
+    return replace(gpu, cpu=cpu)
 
 
 def _gpu_kernel(

@@ -127,6 +127,42 @@ def test_gradients_flow_through_a_deployed_layer():
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_deployed_w8a8_linear_takes_the_integer_gemm_only_where_it_pays(monkeypatch, fast):
+    """Where this CPU's integer GEMM is fast, a deployed W8A8 linear runs torch._int_mm on large inputs (at least
+    INT8_GEMM_MIN_ROWS rows and INT8_GEMM_MIN_MACS multiply-adds) and dq's one-call float path on smaller ones;
+    where it is slow, never. The integer result agrees with the float form within the float form's bound."""
+    monkeypatch.delenv(cpu_gemm.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu_gemm, "int8_gemm_is_fast", lambda: fast)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(tuple(a.shape)) or int_mm(a, b))
+    spec = QuantSpec("int8", PerToken())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(64, 64, bias=False))
+    swap_layers(model, {str(i): LayerPlan("linear", QuantSpec("int8", PerChannel()), spec) for i in range(2)})
+    deploy_all(model)
+    assert cpu_gemm.INT8_GEMM_MIN_ROWS == 128 and 128 * 512 * 256 == cpu_gemm.INT8_GEMM_MIN_MACS
+    layer = model[0]
+    for rows, pays in ((128, True), (127, False), (4096, True)):
+        calls.clear()
+        x = torch.randn(rows, 512)
+        with torch.no_grad():
+            y = layer(x)
+        assert calls == ([(rows, 512)] if fast and pays else []), rows
+        monkeypatch.setenv(cpu_gemm.ENV_VAR, "0")
+        with torch.no_grad():
+            y_float = layer(x)
+        monkeypatch.delenv(cpu_gemm.ENV_VAR)
+        codes, xs = dynamic_codes(x, spec)
+        mag = (codes.abs() @ layer.qweight.float().abs().t()) * xs * layer.weight_scale.float().reshape(1, -1)
+        assert ((y - y_float).abs() <= gamma(512 + 4) * mag + 1e-30).all()
+    calls.clear()
+    with torch.no_grad():
+        model[1](torch.randn(2048, 64))  # many rows, but 2^24 multiply-adds are not reached (2^23)
+    assert calls == []
+
+
 def test_int8_gemm_choice_is_forced_by_env_and_logged(monkeypatch, caplog):
     for value, fast in (("0", False), ("1", True)):
         cpu_gemm.int8_gemm_is_fast.cache_clear()
