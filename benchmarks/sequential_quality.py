@@ -83,7 +83,8 @@ def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, name, prompts, args.steps, args.batch)
     q = quality(images, fp, real, prompts, clip)
-    return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes, "digest": tensors_digest(pipe)}
+    return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes, "digest": tensors_digest(pipe),
+            "date": str(date.today())}
 
 
 def run_model(name: str, args, clip, save, measured: list[dict]) -> None:
@@ -165,9 +166,16 @@ def _cost(row: dict, key: str, scale: float) -> str:
     return " / ".join(f"{statistics.fmean(r[key] for r in row[path]) / scale:.0f}" if row[path] else "-" for path in ("memory", "sequential"))
 
 
+def _dates(row: dict) -> str:
+    """The days a row's draws were measured on."""
+    return ", ".join(sorted({m["date"] for path in ("memory", "sequential") for m in row[path]}))
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [f"# Block-sequential vs in-memory calibration ({s['machine']}, {s['date']}; {s['prompts']} held-out prompts, "
+    days = sorted({m["date"] for res in results["models"].values() for r in res["rows"] for path in ("memory", "sequential") for m in r[path]})
+    period = f"{days[0]} to {days[-1]}" if len(days) > 1 else (days[0] if days else s["date"])
+    lines = [f"# Block-sequential vs in-memory calibration ({s['machine']}, {period}; {s['prompts']} held-out prompts, "
              f"{s['steps']} steps, {s['calib_samples']} calibration prompts, {s['draws']} draws)", "",
              "FID (domain-CLIP features) and PSNR of each quantized pipeline's images against the FP pipeline's, same run. "
              "Draw d: calibration seed d and, for methods with random draws, recipe seed d, on both paths. Cells: mean over "
@@ -182,6 +190,10 @@ def markdown(results: dict) -> str:
         for r in res["rows"]:
             cells = [r["recipe"], *_compared(r, "fid_vs_fp", 3), *_compared(r, "psnr", 2), _identical(r), _cost(r, "seconds", 1), _cost(r, "peak_bytes", 2**20)]
             lines.append("| " + " | ".join(cells) + " |")
+        by_day: dict[str, list[str]] = {}
+        for r in res["rows"]:
+            by_day.setdefault(_dates(r), []).append(r["recipe"])
+        lines += ["", "Measured " + "; ".join(f"{day}: {', '.join(names)}" for day, names in by_day.items()) + "."]
         lines += [""] + [f"{r['recipe']}: {r['refused']}" for r in res["rows"] if "refused" in r] + [""]
     return "\n".join(lines) + "\n"
 
