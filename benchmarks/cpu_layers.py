@@ -4,11 +4,12 @@ Shapes are [M tokens, K in, N out] of SD1.5 at 256x256, batch 2 (M = 2048 at the
 deepest), then of the bundled ref-sd UNet in `dq demo` (batch 16 with CFG, 64 channels, 8x8 to 2x2 positions);
 each recipe's layer kind as the recipe deploys it (svdq: rank 32, smoothing). Then W8A8 convs at the ref-sd
 shapes, against nn.Conv2d. Every deployed layer runs twice: with dq's C kernels (dq.kernels.cpu_kernels, the
-default) and with torch ops only (what DQ_CPU_KERNELS=0 runs); W8A8 linears a third time, in torch ops with the
-INT8 x INT8 product through torch._int_mm at every size (DQ_CPU_INT8_GEMM=1). On CPUs with 8-bit dot products a
-deployed W8A8 linear takes that integer form where it pays (dq.kernels.cpu_gemm.int8_gemm_pays: at least 128 rows
-and 2^24 multiply-adds) and the C call below. Prints the median ratio of the interleaved pairs per shape and
-writes benchmarks/results/cpu_layers.{md,json}.
+default) and with torch ops only (what DQ_CPU_KERNELS=0 runs). On CPUs with 8-bit dot products a deployed W8A8
+linear takes the integer form (torch ops with torch._int_mm) where it pays (dq.kernels.cpu_gemm.int8_gemm_pays: at
+least INT8_GEMM_MIN_ROWS rows and INT8_GEMM_MIN_MACS multiply-adds) and the C call below; there W8A8 linears also run
+with the C call's float GEMM at every size (DQ_CPU_INT8_GEMM=0), and everywhere with torch._int_mm at every size
+(DQ_CPU_INT8_GEMM=1). Prints the median ratio of the interleaved pairs per shape and writes
+benchmarks/results/cpu_layers.{md,json} (--out for another name).
 
     python benchmarks/cpu_layers.py [--pairs 15]
 """
@@ -44,8 +45,8 @@ PLANS = {
     "svdquant-w4a8": LayerPlan("svdq_linear", W4, QuantSpec("int8", PerToken()), {"rank": 32}),
     "svdquant-w4a4": LayerPlan("svdq_linear", W4, QuantSpec("int4", PerToken(64)), {"rank": 32}),
 }
-SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (128, 1280, 1280), (32, 1280, 10240),
-          (1024, 64, 64), (256, 64, 256), (64, 64, 64)]
+SHAPES = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (256, 1280, 1280), (128, 1280, 1280),
+          (32, 1280, 10240), (1024, 64, 64), (256, 64, 256), (64, 64, 64)]  # 256 x 1280 x 1280: at the row threshold
 CONV_W8A8 = LayerPlan("conv2d", QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken()))
 CONV_SHAPES = [(16, 32, 8, 8, 3), (16, 64, 4, 4, 3), (16, 64, 4, 4, 1), (16, 128, 2, 2, 3)]  # N, C, H, W, kernel
 
@@ -72,13 +73,14 @@ def torch_ops_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: i
         cpu_kernels.library = library
 
 
-def integer_gemm_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int) -> float:
-    """torch_ops_ratio with the INT8 x INT8 product through torch._int_mm (DQ_CPU_INT8_GEMM=1)."""
+def forced_gemm_ratio(fp: nn.Module, variant: nn.Module, x: torch.Tensor, pairs: int, integer: bool) -> float:
+    """paired_ratio with the INT8 x INT8 product forced to torch._int_mm in torch ops (DQ_CPU_INT8_GEMM=1), or
+    to the C call's float GEMM (DQ_CPU_INT8_GEMM=0)."""
     before = os.environ.get(cpu_gemm.ENV_VAR)
-    os.environ[cpu_gemm.ENV_VAR] = "1"
+    os.environ[cpu_gemm.ENV_VAR] = "1" if integer else "0"
     cpu_gemm.int8_gemm_is_fast.cache_clear()
     try:
-        return torch_ops_ratio(fp, variant, x, pairs)
+        return (torch_ops_ratio if integer else paired_ratio)(fp, variant, x, pairs)
     finally:
         if before is None:
             del os.environ[cpu_gemm.ENV_VAR]
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_layers"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    integer_routing = cpu_gemm.int8_gemm_is_fast()
+    extra = {"w8a8_int_mm": "torch._int_mm"} | ({"w8a8_float_gemm": "float GEMM"} if integer_routing else {})
     rows = []
     with torch.inference_mode():
         for m, k, n in SHAPES:
@@ -106,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = paired_ratio(fp, variant, x, args.pairs)
                 row[f"{name}_torch_ops"] = torch_ops_ratio(fp, variant, x, args.pairs)
                 if name == "w8a8":
-                    row["w8a8_int_mm"] = integer_gemm_ratio(fp, variant, x, args.pairs)
+                    row["w8a8_int_mm"] = forced_gemm_ratio(fp, variant, x, args.pairs, integer=True)
+                    if integer_routing:
+                        row["w8a8_float_gemm"] = forced_gemm_ratio(fp, variant, x, args.pairs, integer=False)
             rows.append(row)
             print(" ".join([f"{m}x{k}x{n}:"] + [f"{name} {row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS]
-                           + [f"w8a8 torch._int_mm {row['w8a8_int_mm']:.2f}x"]), flush=True)
+                           + [f"w8a8 {label} {row[key]:.2f}x" for key, label in extra.items()]), flush=True)
         conv_rows = []
         for n, c, h, w, k in CONV_SHAPES:
             fp = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2)).eval()
@@ -121,16 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             conv_rows.append({"shape": [n, c, h, w, k], "w8a8": fused, "w8a8_torch_ops": plain})
             print(f"conv {n}x{c}x{h}x{w} k{k}: w8a8 {fused:.2f}x (torch ops {plain:.2f}x)", flush=True)
     env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
-           "int8_dot_flags": sorted(cpu_gemm.cpu_flags() & set(cpu_gemm.INT8_DOT_FLAGS)), "int8_gemm_chosen": cpu_gemm.int8_gemm_is_fast()}
+           "int8_dot_flags": sorted(cpu_gemm.cpu_flags() & set(cpu_gemm.INT8_DOT_FLAGS)), "int8_gemm_chosen": integer_routing,
+           "int8_gemm_min_rows": cpu_gemm.INT8_GEMM_MIN_ROWS, "int8_gemm_min_macs": cpu_gemm.INT8_GEMM_MIN_MACS}
     lines = [f"# dq CPU layers vs FP32 nn.Linear ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']})",
              "", f"Median of {args.pairs} back-to-back pairs: deployed layer time / FP32 time, with dq's C kernels "
              "(in parentheses: torch ops only, DQ_CPU_KERNELS=0).",
              f"8-bit dot-product flags: {', '.join(env['int8_dot_flags']) or 'none'}; W8A8 linears' INT8 x INT8 product here: "
-             + ("torch._int_mm where it pays (at least 128 rows and 2^24 multiply-adds), the float GEMM below"
-                if env["int8_gemm_chosen"] else "the float GEMM") + " (last column: torch._int_mm forced at every size).", "",
-             "| M x K x N | " + " | ".join(PLANS) + " | w8a8, torch._int_mm |", "|---|" + "---|" * (len(PLANS) + 1)]
+             + (f"torch._int_mm where it pays (at least {cpu_gemm.INT8_GEMM_MIN_ROWS} rows and "
+                f"2^{cpu_gemm.INT8_GEMM_MIN_MACS.bit_length() - 1} multiply-adds), the C call's float GEMM below"
+                if integer_routing else "the C call's float GEMM")
+             + " (last columns: each form forced at every size; torch._int_mm runs in torch ops).", "",
+             "| M x K x N | " + " | ".join(PLANS) + "".join(f" | w8a8, {label}" for label in extra.values()) + " |",
+             "|---|" + "---|" * (len(PLANS) + len(extra))]
     for row in rows:
-        cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS] + [f"{row['w8a8_int_mm']:.2f}x"]
+        cells = [f"{row[name]:.2f}x ({row[name + '_torch_ops']:.2f}x)" for name in PLANS] + [f"{row[key]:.2f}x" for key in extra]
         lines.append("| " + "x".join(map(str, row["shape"])) + " | " + " | ".join(cells) + " |")
     lines += ["", "W8A8 Conv2d (C -> C) vs FP32 nn.Conv2d at the ref-sd demo's shapes:", "",
               "| N x C x H x W, kernel | w8a8 | w8a8, torch ops only |", "|---|---|---|"]

@@ -142,9 +142,9 @@ def test_a_deployed_w8a8_linear_takes_the_integer_gemm_only_where_it_pays(monkey
     model = nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(64, 64, bias=False))
     swap_layers(model, {str(i): LayerPlan("linear", QuantSpec("int8", PerChannel()), spec) for i in range(2)})
     deploy_all(model)
-    assert cpu_gemm.INT8_GEMM_MIN_ROWS == 128 and 128 * 512 * 256 == cpu_gemm.INT8_GEMM_MIN_MACS
+    assert cpu_gemm.INT8_GEMM_MIN_ROWS == 256 and 128 * 512 * 256 == cpu_gemm.INT8_GEMM_MIN_MACS
     layer = model[0]
-    for rows, pays in ((128, True), (127, False), (4096, True)):
+    for rows, pays in ((256, True), (255, False), (4096, True)):
         calls.clear()
         x = torch.randn(rows, 512)
         with torch.no_grad():
