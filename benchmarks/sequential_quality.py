@@ -84,7 +84,7 @@ def _measure(quantize, name: str, prompts, args, fp, real, clip) -> dict:
     images = generate(pipe, name, prompts, args.steps, args.batch)
     q = quality(images, fp, real, prompts, clip)
     return {"fid_vs_fp": q["fid_vs_fp"], "psnr": q["psnr"], "seconds": seconds, "peak_bytes": peak.bytes, "digest": tensors_digest(pipe),
-            "date": str(date.today())}
+            "date": str(date.today()), "machine": cpu_name()}
 
 
 def run_model(name: str, args, clip, save, measured: list[dict]) -> None:
@@ -166,16 +166,22 @@ def _cost(row: dict, key: str, scale: float) -> str:
     return " / ".join(f"{statistics.fmean(r[key] for r in row[path]) / scale:.0f}" if row[path] else "-" for path in ("memory", "sequential"))
 
 
-def _dates(row: dict) -> str:
-    """The days a row's draws were measured on."""
-    return ", ".join(sorted({m["date"] for path in ("memory", "sequential") for m in row[path]}))
+def _draws(results: dict):
+    """Every measured draw of every row, both paths."""
+    return (m for res in results["models"].values() for r in res["rows"] for path in ("memory", "sequential") for m in r[path])
+
+
+def _when(row: dict) -> str:
+    """The days, and machines, a row's draws were measured on."""
+    return ", ".join(sorted({f"{m['date']} on {m['machine']}" for path in ("memory", "sequential") for m in row[path]}))
 
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    days = sorted({m["date"] for res in results["models"].values() for r in res["rows"] for path in ("memory", "sequential") for m in r[path]})
+    days = sorted({m["date"] for m in _draws(results)})
     period = f"{days[0]} to {days[-1]}" if len(days) > 1 else (days[0] if days else s["date"])
-    lines = [f"# Block-sequential vs in-memory calibration ({s['machine']}, {period}; {s['prompts']} held-out prompts, "
+    machines = " and ".join(sorted({m["machine"] for m in _draws(results)})) or s["machine"]
+    lines = [f"# Block-sequential vs in-memory calibration ({machines}, {period}; {s['prompts']} held-out prompts, "
              f"{s['steps']} steps, {s['calib_samples']} calibration prompts, {s['draws']} draws)", "",
              "FID (domain-CLIP features) and PSNR of each quantized pipeline's images against the FP pipeline's, same run. "
              "Draw d: calibration seed d and, for methods with random draws, recipe seed d, on both paths. Cells: mean over "
@@ -192,7 +198,7 @@ def markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         by_day: dict[str, list[str]] = {}
         for r in res["rows"]:
-            by_day.setdefault(_dates(r), []).append(r["recipe"])
+            by_day.setdefault(_when(r), []).append(r["recipe"])
         lines += ["", "Measured " + "; ".join(f"{day}: {', '.join(names)}" for day, names in by_day.items()) + "."]
         lines += [""] + [f"{r['recipe']}: {r['refused']}" for r in res["rows"] if "refused" in r] + [""]
     return "\n".join(lines) + "\n"
