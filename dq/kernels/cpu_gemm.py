@@ -11,7 +11,7 @@ is decided once per process and logged at INFO:
 Where it is fast, it pays only for large products (`int8_gemm_pays`): below INT8_GEMM_MIN_ROWS rows or
 INT8_GEMM_MIN_MACS multiply-adds its fixed costs (the input's INT32 result, the rescaling) lose to dq's
 one-call float path (benchmarks/cpu_layers.py: on an AVX-512 VNNI EPYC 0.38-0.60x the FP32 layer's time at
-M >= 512; on an AMX Xeon 0.55-0.90x at M >= 256, where the float path took 1.03-1.17x, but 1.25x at
+M >= 512; on an AMX Xeon 0.57-0.91x at M >= 256, where the float path took 1.03-1.17x, but 1.25x at
 128x1280x1280 against its 1.22x; slower than the float form at K = N = 64 and at M = 32 on both).
 """
 
